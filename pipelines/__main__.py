@@ -1,0 +1,70 @@
+"""``python -m pipelines <command>``: the project's command line.
+
+Commands: generate-demo, validate, profile, dvc-yaml, stages, run-stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _dvc_yaml(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines dvc-yaml")
+    ap.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is out of date")
+    args = ap.parse_args(argv)
+    from pathlib import Path
+
+    import yaml
+
+    from . import dvcgen
+
+    text = dvcgen.render(yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")))
+    if args.check:
+        current = Path("dvc.yaml").read_text(encoding="utf-8") if Path("dvc.yaml").exists() else ""
+        if current != text:
+            print("dvc.yaml is out of date: run `python -m pipelines dvc-yaml`", file=sys.stderr)
+            return 1
+        return 0
+    Path("dvc.yaml").write_text(text, encoding="utf-8")
+    print("wrote dvc.yaml")
+    return 0
+
+
+def _stages(argv) -> int:
+    from . import graph
+
+    for name in graph.topological():
+        s = graph.by_name()[name]
+        ups = sorted(u for u, d in graph.edges() if d == name)
+        print(f"{name:<18} <- {', '.join(ups) or '-'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        "generate-demo": ("pipelines.demo", "main"),
+        "validate": ("tasks.validate", "cli"),
+        "profile": ("pipelines.profiles", "profile_cli"),
+        "run-stage": ("pipelines.runner", "main"),
+    }
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "dvc-yaml":
+        return _dvc_yaml(rest)
+    if cmd == "stages":
+        return _stages(rest)
+    if cmd not in commands:
+        print(f"unknown command '{cmd}'. {__doc__}", file=sys.stderr)
+        return 2
+    import importlib
+
+    module, fn = commands[cmd]
+    return int(getattr(importlib.import_module(module), fn)(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""The one stage graph: single source of truth for ``dvc.yaml`` and the DAGs.
+
+A stage's name is its module (``tasks/<name>.py``) and its ``params.yaml``
+section.  Its command takes every path from arguments.  Edges are derived
+from paths: stage B depends on stage A when one of B's ``deps`` is (inside)
+one of A's ``outs``.  ``dvc.yaml`` is generated from this module
+(``python -m pipelines dvc-yaml``) and the Airflow DAG builds one task per
+stage from it; tests prove all three agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+DATA = "${data.path}"  # DVC template: the dataset directory from params.yaml
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    args: dict[str, str | list[str]]  # CLI flag -> path(s) (inputs and outputs)
+    deps: tuple[str, ...]  # data inputs (paths)
+    outs: tuple[str, ...]  # outputs (paths); persisted, written atomically
+    code: tuple[str, ...] = ()  # shared modules under pipelines/ it imports
+    extra_params: tuple[str, ...] = ()  # dotted keys of other sections (e.g. data.path)
+    metrics: tuple[str, ...] = ()
+    plots: tuple[str | dict, ...] = ()
+    pool: str = "default_pool"  # Airflow pool (train_encoder -> gpu)
+    heavy: bool = False
+
+    @property
+    def module(self) -> str:
+        return f"tasks.{self.name}"
+
+    def command(self) -> str:
+        parts = ["python", "-m", self.module]
+        for flag, value in self.args.items():
+            vals = value if isinstance(value, list) else [value]
+            parts.append(f"--{flag}")
+            parts.extend(vals)
+        parts += ["--params", "params.yaml"]
+        return " ".join(parts)
+
+    @property
+    def code_deps(self) -> list[str]:
+        return [f"tasks/{self.name}.py"] + [f"pipelines/{c}" for c in self.code]
+
+
+BASE_CODE = ("io.py", "schema.py", "data.py")
+
+STAGES: list[Stage] = [
+    Stage(
+        name="validate",
+        args={"data": DATA, "out": "artifacts/validate", "report": "reports/validate"},
+        deps=(DATA,),
+        outs=("artifacts/validate", "reports/validate"),
+        code=BASE_CODE + ("expectations.py",),
+        extra_params=("data.path",),
+        metrics=("reports/validate/summary.json",),
+    ),
+    Stage(
+        name="split",
+        args={"data": "artifacts/validate", "out": "artifacts/split"},
+        deps=("artifacts/validate",),
+        outs=("artifacts/split",),
+        code=BASE_CODE,
+        metrics=("artifacts/split/summary.json",),
+    ),
+    Stage(
+        name="fit_cf",
+        args={"split": "artifacts/split", "out": "artifacts/fit_cf"},
+        deps=("artifacts/split",),
+        outs=("artifacts/fit_cf",),
+        code=BASE_CODE + ("recommenders",),
+        heavy=True,
+    ),
+    Stage(
+        name="evaluate",
+        args={"split": "artifacts/split", "models": ["artifacts/fit_cf"],
+              "out": "reports/evaluate"},
+        deps=("artifacts/split", "artifacts/fit_cf"),
+        outs=("reports/evaluate",),
+        code=BASE_CODE + ("metrics.py", "recommenders"),
+        metrics=("reports/evaluate/metrics.json",),
+        plots=({"reports/evaluate/recall_curve.csv": {"x": "k", "y": "recall",
+                                                        "template": "linear"}},),
+    ),
+]
+
+
+def by_name() -> dict[str, Stage]:
+    return {s.name: s for s in STAGES}
+
+
+def _inside(path: str, out: str) -> bool:
+    p, o = PurePosixPath(path), PurePosixPath(out)
+    return p == o or o in p.parents
+
+
+def edges(stages: list[Stage] | None = None) -> set[tuple[str, str]]:
+    """(upstream, downstream) pairs derived from deps/outs."""
+    stages = STAGES if stages is None else stages
+    result = set()
+    for down in stages:
+        for up in stages:
+            if up is down:
+                continue
+            if any(_inside(d, o) for d in down.deps for o in up.outs):
+                result.add((up.name, down.name))
+    return result
+
+
+def topological(stages: list[Stage] | None = None) -> list[str]:
+    stages = STAGES if stages is None else stages
+    e = edges(stages)
+    order, done = [], set()
+    names = [s.name for s in stages]
+    while len(order) < len(names):
+        ready = [n for n in names if n not in done and all(u in done for u, d in e if d == n)]
+        if not ready:
+            raise ValueError("stage graph has a cycle")
+        for n in ready:
+            order.append(n)
+            done.add(n)
+    return order
+
+
+def upstream_closure(name: str) -> set[str]:
+    e = edges()
+    todo, seen = [name], set()
+    while todo:
+        n = todo.pop()
+        for u, d in e:
+            if d == n and u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen

@@ -1,0 +1,148 @@
+"""The one recommender interface: ``fit / recommend / save / load``.
+
+Every model (popularity, kNN, EASE, ALS/BPR, the sequence encoder, the hybrid)
+subclasses :class:`Recommender`.  Subclasses implement ``fit``,
+``score_users`` (dense scores for a batch of user indices over the whole
+catalogue) and ``_save_state``/``_load_state``; the base class provides
+batched top-K with seen-item exclusion, and safe persistence: arrays in
+safetensors/npz, config in JSON; never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+from safetensors.numpy import load_file, save_file
+
+from ..data import Interactions
+from ..io import atomic_path
+
+REGISTRY: dict[str, type["Recommender"]] = {}
+
+
+class Recommender(ABC):
+    """Base class. ``name`` is the key used in metrics and the registry."""
+
+    name: ClassVar[str] = "base"
+    batch_size: int = 1024
+
+    def __init__(self, **params: Any):
+        self.params = dict(params)
+        self.user_ids: np.ndarray | None = None
+        self.item_ids: np.ndarray | None = None
+        self._seen: sp.csr_matrix | None = None
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.name != "base":
+            REGISTRY[cls.name] = cls
+
+    # ---- to implement -------------------------------------------------
+    @abstractmethod
+    def _fit(self, data: Interactions) -> None: ...
+
+    @abstractmethod
+    def score_users(self, uidx: np.ndarray) -> np.ndarray:
+        """Float32 scores [len(uidx), n_items]; -inf where the model cannot score."""
+
+    @abstractmethod
+    def _state(self) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def _set_state(self, arrays: dict[str, np.ndarray]) -> None: ...
+
+    # ---- provided -----------------------------------------------------
+    def fit(self, data: Interactions) -> "Recommender":
+        self.user_ids = np.asarray(data.user_ids, dtype=object)
+        self.item_ids = np.asarray(data.item_ids, dtype=object)
+        self._seen = data.matrix()
+        self._fit(data)
+        return self
+
+    def recommend(self, user_ids, k: int = 10, exclude_seen: bool = True,
+                  return_scores: bool = False):
+        """Top-``k`` external item ids per external user id.
+
+        Unknown users get the model's scores for an empty history (row of
+        zeros), which most models turn into popularity or -inf.  Returns an
+        object array [n_users, k] (None where fewer than k items can be
+        scored) and, optionally, the float32 scores.
+        """
+        uidx = self.user_index(user_ids)
+        idx, scores = self.recommend_idx(uidx, k, exclude_seen)
+        items = np.full(idx.shape, None, dtype=object)
+        ok = idx >= 0
+        items[ok] = self.item_ids[idx[ok]]
+        return (items, scores) if return_scores else items
+
+    def user_index(self, user_ids) -> np.ndarray:
+        import pandas as pd
+
+        return pd.Index(self.user_ids).get_indexer(np.asarray(user_ids, dtype=object).astype(str))
+
+    def recommend_idx(self, uidx: np.ndarray, k: int, exclude_seen: bool = True):
+        """Top-k item indices [n, k] (-1 padded) and scores for user indices (-1 = unknown)."""
+        uidx = np.asarray(uidx, dtype=np.int64)
+        n_items = len(self.item_ids)
+        k_eff = min(k, n_items)
+        out_idx = np.full((len(uidx), k), -1, dtype=np.int64)
+        out_sc = np.full((len(uidx), k), -np.inf, dtype=np.float32)
+        for start in range(0, len(uidx), self.batch_size):
+            batch = uidx[start:start + self.batch_size]
+            scores = np.asarray(self.score_users(batch), dtype=np.float32).copy()
+            if exclude_seen and self._seen is not None:
+                known = batch >= 0
+                seen = self._seen[batch[known]]
+                rows = np.repeat(np.nonzero(known)[0], np.diff(seen.indptr))
+                scores[rows, seen.indices] = -np.inf
+            top = topk(scores, k_eff)
+            top_sc = np.take_along_axis(scores, top, axis=1)
+            top = np.where(np.isfinite(top_sc), top, -1)
+            out_idx[start:start + len(batch), :k_eff] = top
+            out_sc[start:start + len(batch), :k_eff] = top_sc
+        return out_idx, out_sc
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path/`` = config.json + arrays.safetensors (+ seen.npz), atomically."""
+        with atomic_path(path, is_dir=True) as tmp:
+            meta = {"model": self.name, "params": self.params,
+                    "user_ids": [str(u) for u in self.user_ids],
+                    "item_ids": [str(i) for i in self.item_ids]}
+            (tmp / "config.json").write_text(json.dumps(meta), encoding="utf-8")
+            arrays = {k: np.ascontiguousarray(v) for k, v in self._state().items()}
+            save_file(arrays, str(tmp / "arrays.safetensors"))
+            sp.save_npz(tmp / "seen.npz", self._seen.tocsr(), compressed=True)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recommender":
+        path = Path(path)
+        try:
+            meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            model_cls = REGISTRY[meta["model"]] if cls is Recommender else cls
+            if meta["model"] != model_cls.name:
+                raise ValueError(f"saved model is '{meta['model']}', not '{model_cls.name}'")
+            obj = model_cls(**meta["params"])
+            obj.user_ids = np.asarray(meta["user_ids"], dtype=object)
+            obj.item_ids = np.asarray(meta["item_ids"], dtype=object)
+            obj._seen = sp.load_npz(path / "seen.npz").tocsr()
+            obj._set_state(load_file(str(path / "arrays.safetensors")))
+        except (OSError, KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot load model from {path}: {type(exc).__name__}: {exc}") from exc
+        return obj
+
+
+def topk(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest per row, sorted descending (ties -> lower index)."""
+    n = scores.shape[1]
+    if k >= n:
+        part = np.tile(np.arange(n), (scores.shape[0], 1))
+    else:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)

@@ -1,0 +1,70 @@
+"""User-based kNN on sparse matrices.
+
+``score(u, j) = sum_{v in N(u)} sim(u, v) * x_vj`` where ``N(u)`` are the
+``neighbors`` most similar users by cosine with shrinkage (see
+:func:`pipelines.recommenders.knn.cosine_topk`, applied to the users as
+columns).  Everything stays sparse: the users x users neighbour matrix keeps
+at most ``neighbors`` entries per user; a dense [batch, n_items] block exists
+only inside :meth:`UserKNN.score_users`.  Users with no history (cold users
+in the catalogue and unknown ids) get the popularity ranking; items with no
+training interaction are not scored (-inf).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..data import Interactions
+from .base import Recommender
+from .knn import (FEATURE_WEIGHTINGS, check_vector, cosine_topk, csr_from_state, csr_state,
+                  feature_weight, popularity_prior)
+
+
+class UserKNN(Recommender):
+    """User-based kNN. Params: ``neighbors``, ``shrink``, ``alpha``, ``feature_weighting``.
+
+    ``feature_weighting`` (``none``/``tfidf``/``bm25``) re-weights the items
+    (the features users are compared on), so that blockbusters count less
+    than niche items when deciding who is similar.
+    """
+
+    name = "userknn"
+
+    def __init__(self, neighbors: int = 50, shrink: float = 0.0, alpha: float = 0.5,
+                 feature_weighting: str = "none", **kw):
+        if feature_weighting not in FEATURE_WEIGHTINGS:
+            raise ValueError(f"feature_weighting must be one of {FEATURE_WEIGHTINGS}, "
+                             f"got {feature_weighting!r}")
+        super().__init__(neighbors=int(neighbors), shrink=float(shrink), alpha=float(alpha),
+                         feature_weighting=str(feature_weighting), **kw)
+
+    def _fit(self, data: Interactions) -> None:
+        X = data.matrix()
+        # items x users: features = items, compared objects = users (columns)
+        W = feature_weight(X.T.tocsr(), self.params["feature_weighting"])
+        S = cosine_topk(W, self.params["neighbors"], self.params["shrink"],
+                        alpha=self.params["alpha"])
+        # column u of S holds u's neighbours -> row u of S.T
+        self.nbr_ = S.T.tocsr()
+        self.X_ = X
+        self.pop_ = popularity_prior(X)
+
+    def score_users(self, uidx: np.ndarray) -> np.ndarray:
+        uidx = np.asarray(uidx, dtype=np.int64)
+        out = np.zeros((len(uidx), self.X_.shape[1]), dtype=np.float32)
+        known = uidx >= 0
+        if known.any():
+            out[known] = (self.nbr_[uidx[known]] @ self.X_).toarray()
+        return out + self.pop_
+
+    def _state(self):
+        return {**csr_state("N", self.nbr_), **csr_state("X", self.X_), "pop": self.pop_}
+
+    def _set_state(self, a):
+        nu, ni = len(self.user_ids), len(self.item_ids)
+        self.nbr_ = csr_from_state(a, "N", (nu, nu))
+        self.X_ = csr_from_state(a, "X", (nu, ni))
+        self.pop_ = check_vector(a, "pop", ni)
+
+
+__all__ = ["UserKNN"]

@@ -1,0 +1,1 @@
+"""One module per pipeline stage (stage name = module name = params section)."""
