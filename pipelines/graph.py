@@ -136,3 +136,15 @@ def upstream_closure(name: str) -> set[str]:
                 seen.add(u)
                 todo.append(u)
     return seen
+
+
+def downstream_closure(name: str) -> set[str]:
+    e = edges()
+    todo, seen = [name], set()
+    while todo:
+        n = todo.pop()
+        for u, d in e:
+            if u == n and d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen

@@ -1,0 +1,59 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PYTHONDONTWRITEBYTECODE := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+DEMO ?= data/demo
+DATA ?= ../shared/datasets/ml100k-mm
+PYTEST_ARGS ?=
+
+.PHONY: venv run test test-fast bench bench-scale airflow lock dvc-yaml clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -c constraints.txt -r requirements.lock
+	touch $@
+
+# Re-resolve direct dependencies (requirements.in) into the lock file.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q -c constraints.txt -r requirements.in
+	.venv-lock/bin/pip freeze | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements.lock
+	rm -rf .venv-lock
+
+$(DEMO)/ratings.csv: | venv
+	python -m pipelines generate-demo --out $(DEMO)
+
+# Main job: demo data (generated once, deterministic) -> dvc repro -> results.
+run: venv $(DEMO)/ratings.csv
+	python -m pipelines dvc-yaml --check
+	dvc repro
+	@echo
+	@echo "Results:"
+	@echo "  metrics     reports/evaluate/metrics.json   (report: reports/evaluate/report.md)"
+	@test ! -d artifacts/build_profiles || echo "  profiles    artifacts/build_profiles/profiles.parquet  (try: python -m pipelines profile <user_id>)"
+	@test ! -d artifacts/fuse || echo "  top-K recs  artifacts/fuse/recommendations.parquet"
+	@echo "  validation  reports/validate/index.html"
+	@dvc metrics show reports/evaluate/metrics.json 2>/dev/null | head -40 || true
+
+test: venv
+	python -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+dvc-yaml: venv
+	python -m pipelines dvc-yaml
+
+clean:
+	rm -rf artifacts reports/validate reports/evaluate
+
+# Benchmark: two protocols (stratified, coldstart) on DATA -> reports/bench.json
+bench: venv
+	python -m pipelines.bench --data $(DATA) --out reports/bench.json
