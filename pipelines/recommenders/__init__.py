@@ -1,7 +1,10 @@
 """Recommenders behind one interface (see :mod:`pipelines.recommenders.base`)."""
 
 from .base import REGISTRY, Recommender, topk
-from .popularity import Popularity
+from .ease import EASE
 from .knn import ItemKNN
+from .mf import ALS, BPR
+from .popularity import Popularity
+from .userknn import UserKNN
 
-__all__ = ["REGISTRY", "Recommender", "topk", "Popularity", "ItemKNN"]
+__all__ = ["REGISTRY", "Recommender", "topk", "Popularity", "ItemKNN", "UserKNN", "EASE", "ALS", "BPR"]

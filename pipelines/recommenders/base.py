@@ -11,12 +11,14 @@ safetensors/npz, config in JSON; never pickle.
 from __future__ import annotations
 
 import json
+import zipfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from ..data import Interactions
@@ -131,13 +133,14 @@ class Recommender(ABC):
             obj.item_ids = np.asarray(meta["item_ids"], dtype=object)
             obj._seen = sp.load_npz(path / "seen.npz").tocsr()
             obj._set_state(load_file(str(path / "arrays.safetensors")))
-        except (OSError, KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
+        except (OSError, KeyError, ValueError, TypeError, json.JSONDecodeError, SafetensorError,
+                zipfile.BadZipFile) as exc:
             raise ValueError(f"cannot load model from {path}: {type(exc).__name__}: {exc}") from exc
         return obj
 
 
 def topk(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest per row, sorted descending (ties -> lower index)."""
+    """Indices of the k largest per row, sorted descending (deterministic)."""
     n = scores.shape[1]
     if k >= n:
         part = np.tile(np.arange(n), (scores.shape[0], 1))

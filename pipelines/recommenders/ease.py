@@ -29,7 +29,7 @@ class EASE(Recommender):
 
     name = "ease"
 
-    def __init__(self, lambda_: float = 300.0, max_items: int = 20000, **kw):
+    def __init__(self, lambda_: float = 500.0, max_items: int = 20000, **kw):
         if "lambda" in kw:  # params.yaml may spell it without the underscore
             lambda_ = kw.pop("lambda")
         if not float(lambda_) > 0:

@@ -80,26 +80,31 @@ def cosine_topk(X: sp.csr_matrix, neighbors: int, shrink: float = 0.0,
     if block is None:
         block = int(max(1, min(4096, _BLOCK_BYTES // (12 * max(n, 1)))))
     sq = np.asarray(X.multiply(X).sum(axis=0), dtype=np.float64).ravel()
-    left = np.power(sq, alpha)  # neighbour side (rows of S)
-    right = np.power(sq, 1.0 - alpha)  # target side (columns of S)
-    Xt = X.T.tocsr()
+    sq[sq == 0] = 1.0  # an empty column has zero dot products anyway: avoid 0/0
+    left = np.power(sq, alpha).astype(np.float32)  # neighbour side (rows of S)
+    right = np.power(sq, 1.0 - alpha).astype(np.float32)  # target side (columns of S)
+    Xt = X.T.tocsr()  # n x features: row slices are cheap
     rows, cols, vals = [], [], []
     k = min(neighbors, max(n - 1, 1))
     for start in range(0, n, block):
         stop = min(start + block, n)
         b = stop - start
-        sims = (Xt @ X[:, start:stop]).toarray().astype(np.float32, copy=False)  # n x b
-        denom = (left[:, None] * right[None, start:stop] + shrink).astype(np.float32)
-        np.divide(sims, denom, out=sims, where=denom > 0)  # denom 0 => dots 0
-        sims[start + np.arange(b), np.arange(b)] = 0.0
+        # one row per target column j, one column per candidate neighbour i (contiguous rows)
+        sims = (Xt[start:stop] @ X).toarray()  # b x n, float32
+        denom = np.multiply.outer(right[start:stop], left)
+        if shrink:
+            denom += np.float32(shrink)
+        np.divide(sims, denom, out=sims)
+        del denom
+        sims[np.arange(b), start + np.arange(b)] = 0.0
         if k < n:
-            top = np.argpartition(-sims, k - 1, axis=0)[:k]  # k x b
+            top = np.argpartition(sims, n - k, axis=1)[:, n - k:]  # b x k
         else:
-            top = np.tile(np.arange(n)[:, None], (1, b))
-        tv = np.take_along_axis(sims, top, axis=0)
+            top = np.broadcast_to(np.arange(n), (b, n))
+        tv = np.take_along_axis(sims, top, axis=1)
         keep = tv > 0
         rows.append(top[keep])
-        cols.append(np.broadcast_to(np.arange(start, stop)[None, :], top.shape)[keep])
+        cols.append(np.broadcast_to(np.arange(start, stop)[:, None], top.shape)[keep])
         vals.append(tv[keep])
     if not vals:
         return sp.csr_matrix((n, n), dtype=np.float32)

@@ -23,4 +23,7 @@ class Popularity(Recommender):
         return {"scores": self.scores_}
 
     def _set_state(self, arrays):
-        self.scores_ = arrays["scores"]
+        scores = arrays["scores"]
+        if scores.shape != (len(self.item_ids),):
+            raise ValueError(f"popularity scores have shape {scores.shape}, expected ({len(self.item_ids)},)")
+        self.scores_ = scores

@@ -30,8 +30,8 @@ class UserKNN(Recommender):
 
     name = "userknn"
 
-    def __init__(self, neighbors: int = 50, shrink: float = 0.0, alpha: float = 0.5,
-                 feature_weighting: str = "none", **kw):
+    def __init__(self, neighbors: int = 100, shrink: float = 20.0, alpha: float = 0.5,
+                 feature_weighting: str = "tfidf", **kw):
         if feature_weighting not in FEATURE_WEIGHTINGS:
             raise ValueError(f"feature_weighting must be one of {FEATURE_WEIGHTINGS}, "
                              f"got {feature_weighting!r}")

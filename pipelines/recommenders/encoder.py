@@ -1,0 +1,960 @@
+"""Transformer user encoder over interaction histories, behind the Recommender interface.
+
+Model
+-----
+A user is the sequence ``[ATTR] i_1 i_2 ... i_n`` of their interactions in
+time order (the most recent ``max_len - 1`` at inference).
+
+* **Item representation** (shared by input tokens and output vectors):
+  ``v_i = E_id[i] * known_i + sum_m present_m[i] * W_m f_m[i]`` where ``f_m`` is
+  the (centred, L2-normalised) text / image / video feature of the item and
+  ``present_m`` its mask (a missing modality contributes exactly zero), plus a
+  scalar bias ``b_i`` built the same way.  ``known_i`` is 1 for items that
+  have training interactions; items without (cold items) are represented by
+  their content alone, so they still get meaningful vectors.  During training
+  the id part is dropped at random (``id_dropout``) so that the content
+  projections learn to stand in for it.
+* **Input tokens** add a learned position embedding, a log-bucketed time-gap
+  embedding (gap to the previous interaction) and, when ratings vary, a
+  rating-bucket embedding.
+* **Attribute token** ``[ATTR]`` (position 0): a learned vector plus the
+  embeddings of every user attribute (categorical columns by value, numeric
+  columns by quantile bucket, index 0 = unknown) and hashed pairwise cross
+  features of them.  A user with no history is encoded from this token alone
+  (the segment prior), so cold users get a vector.
+* ``torch.nn.TransformerEncoder`` (pre-LN, GELU) then a final LayerNorm and a
+  linear head give the user vector ``u``; ``score(u, i) = u . v_i + b_i``.
+  The recommender stores ``[u, 1]`` and ``[v_i, b_i]``, so scoring at
+  evaluation is one dot product and needs neither torch nor features.
+
+Objectives (``objective``)
+--------------------------
+* ``holdout`` (default): for each user, a random subset of the history is the
+  input and the rest are targets (multi-label softmax over the catalogue, the
+  input items excluded from the softmax).  This matches a per-user *random*
+  evaluation split: the user vector must predict held-out items anywhere in
+  the history.  A share ``cold_train_prob`` of samples keeps only
+  ``0..cold_user_max`` input items, training the attribute-only prior.
+* ``next``: causal attention, every position predicts the next item.
+
+The softmax is over the whole catalogue when it has at most
+``full_softmax_max`` items, otherwise over the batch's target items (in-batch
+negatives) plus ``n_negatives`` uniformly sampled items.
+
+Training: AdamW, early stopping on Recall@``eval_k`` over the ``val`` fold
+(the model sees only ``fit`` rows; at the end the user vectors are computed
+from the whole training history).  Seeded per epoch (numpy and torch), CPU
+runs use deterministic algorithms: the same params and data give the same
+weights.  CUDA is used when present (bf16 autocast, optional ``torch.compile``).
+A checkpoint is written atomically after every epoch (see
+:class:`Checkpointer`); a killed run resumes from it.
+
+Multi-GPU: launch the train_encoder stage with ``torchrun --nproc_per_node N
+-m tasks.train_encoder ...``; when ``WORLD_SIZE > 1`` every rank trains on its
+shard of users (``DistributedSampler``) inside ``DistributedDataParallel``
+(NCCL on CUDA, gloo on CPU), rank 0 evaluates, checkpoints, logs and writes
+the outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..data import Interactions
+from ..io import atomic_path
+from ..schema import RATING, TS, USER
+from .base import Recommender
+
+log = logging.getLogger("mmrec.encoder")
+
+MODALITIES = ("text", "image", "video")
+N_GAP_BUCKETS = 26
+N_RATING_BUCKETS = 12
+
+DEFAULTS: dict[str, Any] = {
+    # architecture
+    "d_model": 64, "n_layers": 2, "n_heads": 2, "ff_mult": 2, "max_len": 200, "dropout": 0.2,
+    "pool": "auto",               # auto (holdout: cls, next: last) | cls | mean | last
+    "use_time": True, "use_rating": True, "use_attributes": True,
+    "attr_max_categories": 50,    # categorical columns with more values are bucketed if numeric, else dropped
+    "attr_numeric_buckets": 8, "attr_hash_buckets": 1024,
+    # objective
+    "objective": "holdout",       # holdout | next
+    "input_min": 0.5, "input_max": 0.9,  # holdout: share of the history used as input
+    "cold_train_prob": 0.1, "cold_user_max": 5,
+    "full_softmax_max": 20000, "n_negatives": 2048,
+    "id_dropout": 0.1, "token_dropout": 0.0,
+    # optimisation
+    "epochs": 60, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.01, "grad_clip": 1.0,
+    "samples_per_user": 1, "patience": 8, "eval_k": 20, "min_epochs": 1,
+    "seed": 42, "device": "auto", "precision": "auto", "compile": False, "threads": 0,
+    "deterministic": True, "max_train_seconds": 0,
+}
+
+
+# ---------------------------------------------------------------------------- side information
+
+def load_modality(dir_path: str | os.PathLike | None, item_ids) -> tuple[np.ndarray, np.ndarray] | None:
+    """One modality's features aligned to ``item_ids``: (emb [n, d] float32, present [n] bool).
+
+    Returns None when the directory (or its features.parquet) is absent or no
+    item has the modality.  Items missing from the table count as not present.
+    """
+    if dir_path is None:
+        return None
+    d = Path(dir_path)
+    if not (d / "features.parquet").is_file():
+        return None
+    from ..features import read_features
+
+    ids, emb, present, _table = read_features(d)
+    if emb.ndim != 2 or emb.shape[1] == 0 or not present.any():
+        return None
+    pos = pd.Index(pd.Series(ids, dtype=object).astype(str)).get_indexer(
+        np.asarray(item_ids, dtype=object).astype(str))
+    ok = pos >= 0
+    out = np.zeros((len(pos), emb.shape[1]), np.float32)
+    pres = np.zeros(len(pos), bool)
+    out[ok] = emb[pos[ok]]
+    pres[ok] = present[pos[ok]]
+    out[~pres] = 0.0
+    if not pres.any():
+        return None
+    return out, pres
+
+
+def _normalise_features(emb: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Centre on the present rows' mean and L2-normalise; missing rows stay zero."""
+    x = np.asarray(emb, np.float32).copy()
+    if present.any():
+        x[present] -= x[present].mean(axis=0, keepdims=True)
+        n = np.linalg.norm(x[present], axis=1, keepdims=True)
+        x[present] /= np.maximum(n, 1e-8)
+    x[~present] = 0.0
+    return x
+
+
+def attribute_spec(users: pd.DataFrame | None, params: dict) -> list[dict]:
+    """How each user attribute column is encoded (JSON-able, saved with the model).
+
+    Numeric columns (>= 95% parse as numbers) with more than
+    ``attr_max_categories`` distinct values are bucketed at quantiles;
+    other columns with at most ``attr_max_categories`` values are categorical
+    (vocabulary sorted); remaining high-cardinality text columns are dropped.
+    """
+    if users is None or not params.get("use_attributes", True):
+        return []
+    spec = []
+    for col in users.columns:
+        if col == USER:
+            continue
+        s = users[col]
+        vals = s.dropna().astype(str)
+        n_unique = vals.nunique()
+        if n_unique <= 1:
+            continue
+        num = pd.to_numeric(s, errors="coerce")
+        numeric = num.notna().sum() >= 0.95 * s.notna().sum() and s.notna().any()
+        if n_unique <= int(params["attr_max_categories"]):
+            spec.append({"name": str(col), "kind": "cat", "vocab": sorted(vals.unique().tolist())})
+        elif numeric:
+            qs = np.linspace(0, 1, int(params["attr_numeric_buckets"]) + 1)[1:-1]
+            edges = np.unique(np.quantile(num.dropna().to_numpy(np.float64), qs)).tolist()
+            spec.append({"name": str(col), "kind": "num", "edges": [float(e) for e in edges]})
+    return spec
+
+
+def attribute_codes(users: pd.DataFrame | None, user_ids, spec: list[dict]) -> np.ndarray:
+    """[n_users, n_cols] int64 codes (0 = unknown) in ``user_ids`` order."""
+    n = len(user_ids)
+    codes = np.zeros((n, len(spec)), np.int64)
+    if users is None or not spec:
+        return codes
+    u = users.copy()
+    u[USER] = u[USER].astype(str)
+    u = u.drop_duplicates(USER).set_index(USER).reindex(np.asarray(user_ids, dtype=object).astype(str))
+    for j, c in enumerate(spec):
+        if c["name"] not in u.columns:
+            continue
+        s = u[c["name"]]
+        if c["kind"] == "cat":
+            idx = pd.Index(c["vocab"]).get_indexer(s.astype(str))
+            codes[:, j] = np.where((idx >= 0) & s.notna().to_numpy(), idx + 1, 0)
+        else:
+            num = pd.to_numeric(s, errors="coerce").to_numpy(np.float64)
+            b = np.searchsorted(np.asarray(c["edges"], np.float64), num, side="right") + 1
+            codes[:, j] = np.where(np.isfinite(num), b, 0)
+    return codes
+
+
+def cross_codes(codes: np.ndarray, n_hash: int) -> np.ndarray:
+    """Hashed pairwise crosses of attribute codes: [n_users, n_pairs] in [0, n_hash)."""
+    n, c = codes.shape
+    pairs = [(a, b) for a in range(c) for b in range(a + 1, c)]
+    out = np.zeros((n, len(pairs)), np.int64)
+    for p, (a, b) in enumerate(pairs):
+        h = ((p + 1) * 1_000_003 + codes[:, a] * 7919 + codes[:, b] * 104_729) % max(n_hash, 1)
+        out[:, p] = h
+    return out
+
+
+# ---------------------------------------------------------------------------- torch model
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def build_module(arch: dict):
+    """The torch module for an architecture dict (see :meth:`EncoderRecommender._arch`)."""
+    torch = _torch()
+    nn = torch.nn
+
+    class UserEncoder(nn.Module):
+        def __init__(self, a: dict):
+            super().__init__()
+            self.a = a
+            d, n_items = int(a["d_model"]), int(a["n_items"])
+            self.n_items = n_items
+            self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
+            nn.init.normal_(self.item_emb.weight, std=0.05)
+            with torch.no_grad():
+                self.item_emb.weight[0].zero_()
+            self.id_bias = nn.Embedding(n_items + 1, 1, padding_idx=0)
+            nn.init.zeros_(self.id_bias.weight)
+            self.register_buffer("known", torch.zeros(n_items + 1), persistent=True)
+            self.modalities = list(a["modalities"])
+            self.proj = nn.ModuleDict()
+            self.proj_bias = nn.ModuleDict()
+            for m, dim in zip(a["modalities"], a["modality_dims"]):
+                self.register_buffer(f"feat_{m}", torch.zeros(n_items + 1, int(dim)), persistent=True)
+                self.register_buffer(f"present_{m}", torch.zeros(n_items + 1), persistent=True)
+                self.proj[m] = nn.Linear(int(dim), d, bias=False)
+                self.proj_bias[m] = nn.Linear(int(dim), 1, bias=False)
+                nn.init.normal_(self.proj[m].weight, std=0.05)
+                nn.init.zeros_(self.proj_bias[m].weight)
+            L = int(a["max_len"])
+            self.pos_emb = nn.Embedding(L, d)
+            nn.init.normal_(self.pos_emb.weight, std=0.02)
+            self.gap_emb = nn.Embedding(N_GAP_BUCKETS, d) if a["use_time"] else None
+            self.rating_emb = nn.Embedding(N_RATING_BUCKETS, d) if a["use_rating"] else None
+            for e in (self.gap_emb, self.rating_emb):
+                if e is not None:
+                    nn.init.normal_(e.weight, std=0.02)
+            self.cls = nn.Parameter(torch.zeros(d))
+            self.attr_emb = nn.ModuleList([nn.Embedding(int(n) + 1, d) for n in a["attr_sizes"]])
+            self.cross_emb = nn.Embedding(int(a["attr_hash_buckets"]), d) \
+                if len(a["attr_sizes"]) >= 2 else None
+            for e in list(self.attr_emb) + ([self.cross_emb] if self.cross_emb is not None else []):
+                nn.init.normal_(e.weight, std=0.02)
+            layer = nn.TransformerEncoderLayer(d, int(a["n_heads"]), d * int(a["ff_mult"]),
+                                               float(a["dropout"]), activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, int(a["n_layers"]), enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(d)
+            self.head = nn.Linear(d, d)
+            self.drop = nn.Dropout(float(a["dropout"]))
+
+        # item side -------------------------------------------------------
+        def item_table(self, idx=None, keep_id=None):
+            """(V [k, d], b [k]) for item indices ``idx`` (0-based; None = all items)."""
+            rows = (torch.arange(self.n_items, device=self.known.device) if idx is None else idx) + 1
+            mask = self.known[rows]
+            if keep_id is not None:
+                mask = mask * keep_id
+            V = self.item_emb(rows) * mask[:, None]
+            b = self.id_bias(rows)[:, 0] * mask
+            for m in self.modalities:
+                pres = getattr(self, f"present_{m}")[rows]
+                f = getattr(self, f"feat_{m}")[rows]
+                V = V + self.proj[m](f) * pres[:, None]
+                b = b + self.proj_bias[m](f)[:, 0] * pres
+            return V, b
+
+        # user side -------------------------------------------------------
+        def encode(self, tokens, gaps, ratings, attrs, crosses, V_tok, causal: bool = False):
+            """User states. tokens [B, L] (0 = pad, else item index + 1); V_tok [B, L, d]."""
+            B, L = tokens.shape
+            x = V_tok
+            pos = torch.arange(1, L + 1, device=tokens.device).clamp(max=self.pos_emb.num_embeddings - 1)
+            x = x + self.pos_emb(pos)[None]
+            if self.gap_emb is not None:
+                x = x + self.gap_emb(gaps)
+            if self.rating_emb is not None:
+                x = x + self.rating_emb(ratings)
+            a = self.cls[None, :].expand(B, -1) + self.pos_emb.weight[0][None]
+            for j, e in enumerate(self.attr_emb):
+                a = a + e(attrs[:, j])
+            if self.cross_emb is not None and crosses.shape[1]:
+                a = a + self.cross_emb(crosses).sum(1)
+            x = torch.cat([a[:, None, :], x], dim=1)
+            pad = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=tokens.device), tokens == 0], 1)
+            x = self.drop(x)
+            mask = None
+            if causal:
+                mask = torch.triu(torch.ones(L + 1, L + 1, dtype=torch.bool, device=x.device), 1)
+            h = self.encoder(x, mask=mask, src_key_padding_mask=pad)
+            return self.norm(h), pad
+
+        def pool(self, h, pad, how: str):
+            if how == "cls":
+                z = h[:, 0]
+            elif how == "mean":
+                w = (~pad).to(h.dtype)
+                z = torch.where(pad[..., None], torch.zeros_like(h), h).sum(1) / w.sum(1, keepdim=True)
+            elif how == "last":
+                last = (~pad).sum(1) - 1
+                z = h[torch.arange(h.shape[0], device=h.device), last]
+            else:
+                raise ValueError(f"unknown pool '{how}'")
+            return self.head(z)
+
+        def forward(self, batch: dict):
+            """Training loss for one batch (see :func:`_make_batch`)."""
+            keep_id = batch.get("keep_id")
+            cand = batch.get("cand")  # sorted 0-based candidate items, or None = all
+            tokens = batch["tokens"]
+            if cand is None:
+                V, b = self.item_table(None, keep_id)
+                V_tok = torch.cat([torch.zeros_like(V[:1]), V])[tokens]
+            else:
+                V, b = self.item_table(cand, keep_id)
+                V_tok = torch.cat([torch.zeros_like(V[:1]), V])[batch["tokens_c"]]
+            causal = batch["objective"] == "next"
+            h, pad = self.encode(tokens, batch["gaps"], batch["ratings"], batch["attrs"],
+                                 batch["crosses"], V_tok, causal=causal)
+            if causal:
+                q = self.head(h)  # every position
+                q = q.reshape(-1, q.shape[-1])
+            else:
+                q = self.pool(h, pad, batch["pool"])
+            logits = q.float() @ V.float().T + b.float()[None]
+            if batch["excl_rows"].numel():
+                logits = logits.index_put((batch["excl_rows"], batch["excl_cols"]),
+                                          torch.tensor(float("-inf"), device=logits.device))
+            logp = torch.log_softmax(logits, dim=1)
+            picked = logp[batch["pos_rows"], batch["pos_cols"]]
+            # mean over targets within a row, then mean over rows
+            w = batch["pos_w"]
+            return -(picked * w).sum() / batch["n_rows"]
+
+    return UserEncoder(arch)
+
+
+# ---------------------------------------------------------------------------- batches
+
+@dataclass
+class _Histories:
+    """Per-user time-ordered histories as flat arrays + offsets (user index order)."""
+
+    items: np.ndarray   # int64 item indices
+    ts: np.ndarray      # int64 seconds
+    rbucket: np.ndarray  # int64 rating bucket (1..N_RATING_BUCKETS-1)
+    offsets: np.ndarray  # [n_users + 1]
+
+    @classmethod
+    def from_df(cls, df: pd.DataFrame, n_users: int, rating_range: tuple[float, float]) -> "_Histories":
+        d = df.sort_values(["uidx", TS, "iidx"], kind="stable")
+        u = d["uidx"].to_numpy(np.int64)
+        offsets = np.searchsorted(u, np.arange(n_users + 1)).astype(np.int64)
+        items = d["iidx"].to_numpy(np.int64)
+        ts = d[TS].to_numpy(np.int64) if TS in d else np.zeros(len(d), np.int64)
+        rb = rating_buckets(d[RATING].to_numpy(np.float64) if RATING in d else np.ones(len(d)),
+                            rating_range)
+        return cls(items, ts, rb, offsets)
+
+    @classmethod
+    def empty(cls, n_users: int) -> "_Histories":
+        z = np.zeros(0, np.int64)
+        return cls(z, z, z, np.zeros(n_users + 1, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def get(self, u: int):
+        s, e = self.offsets[u], self.offsets[u + 1]
+        return self.items[s:e], self.ts[s:e], self.rbucket[s:e]
+
+
+def rating_buckets(r: np.ndarray, rng: tuple[float, float]) -> np.ndarray:
+    lo, hi = rng
+    r = np.nan_to_num(np.asarray(r, np.float64), nan=hi)
+    if hi <= lo:
+        return np.ones(len(r), np.int64)
+    z = np.clip((r - lo) / (hi - lo), 0, 1)
+    return (1 + np.round(z * (N_RATING_BUCKETS - 2))).astype(np.int64)
+
+
+def gap_buckets(ts: np.ndarray) -> np.ndarray:
+    """Log2 bucket of the gap (minutes) to the previous interaction; 0 for the first."""
+    g = np.zeros(len(ts), np.int64)
+    if len(ts) > 1:
+        gap = np.maximum(np.diff(ts).astype(np.float64), 0) / 60.0
+        g[1:] = np.minimum(1 + np.floor(np.log2(1 + gap)).astype(np.int64), N_GAP_BUCKETS - 1)
+    return g
+
+
+def _pad_sequences(seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], L: int):
+    B = len(seqs)
+    width = max([1] + [len(s[0]) for s in seqs])
+    width = min(width, L)
+    tok = np.zeros((B, width), np.int64)
+    gap = np.zeros((B, width), np.int64)
+    rat = np.zeros((B, width), np.int64)
+    for r, (it, ts, rb) in enumerate(seqs):
+        n = min(len(it), width)
+        if n:
+            tok[r, :n] = it[-n:] + 1
+            gap[r, :n] = gap_buckets(ts[-n:])
+            rat[r, :n] = rb[-n:]
+    return tok, gap, rat
+
+
+def _sample_holdout(rng: np.random.Generator, n: int, p: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (time order) of input and target items for one user history of length n."""
+    perm = rng.permutation(n)
+    if n == 1:
+        n_in = 0
+    elif rng.random() < float(p["cold_train_prob"]):
+        n_in = int(rng.integers(0, min(int(p["cold_user_max"]), n - 1) + 1))
+    else:
+        frac = rng.uniform(float(p["input_min"]), float(p["input_max"]))
+        n_in = int(np.clip(round(frac * n), 1, n - 1))
+    inp = np.sort(perm[:n_in])
+    L = int(p["max_len"]) - 1
+    if len(inp) > L:
+        inp = np.sort(rng.choice(inp, L, replace=False))
+    return inp, perm[n_in:]
+
+
+def _make_batch(users: np.ndarray, hist: _Histories, attrs: np.ndarray, crosses: np.ndarray,
+                rng: np.random.Generator, p: dict, n_items: int, device) -> dict | None:
+    """Tensors for one training step (``None`` when no user in ``users`` has a history).
+
+    ``pos_rows/pos_cols/pos_w``: weighted (query row, target item) pairs;
+    ``excl_rows/excl_cols``: (query row, item) pairs removed from the softmax.
+    """
+    torch = _torch()
+    objective = p["objective"]
+    L = int(p["max_len"]) - 1
+    seqs, targets, rows_used = [], [], []
+    ex_r, ex_c = [], []
+    for u in users:
+        it, ts, rb = hist.get(int(u))
+        if len(it) == 0:
+            continue
+        r = len(rows_used)
+        rows_used.append(int(u))
+        if objective == "holdout":
+            inp, tgt = _sample_holdout(rng, len(it), p)
+            if float(p["token_dropout"]) > 0 and len(inp) > 1:
+                inp = inp[rng.random(len(inp)) >= float(p["token_dropout"])]
+            seqs.append((it[inp], ts[inp], rb[inp]))
+            t_items = np.unique(it[tgt])
+            targets.append(t_items)
+            e = np.setdiff1d(np.unique(it[inp]), t_items)
+            ex_r.append(np.full(len(e), r))
+            ex_c.append(e)
+        else:  # next: a window of up to L+1 items; position t (0 = ATTR) predicts window[t]
+            if len(it) > L + 1:
+                s = int(rng.integers(0, len(it) - L)) if rng.random() < 0.5 else len(it) - L - 1
+                it, ts, rb = it[s:s + L + 1], ts[s:s + L + 1], rb[s:s + L + 1]
+            seqs.append((it[:-1], ts[:-1], rb[:-1]))
+            targets.append(it.astype(np.int64))
+    if not rows_used:
+        return None
+    tok, gap, rat = _pad_sequences(seqs, L)
+    B, W = tok.shape
+    if objective == "holdout":
+        pos_r = np.concatenate([np.full(len(t), r) for r, t in enumerate(targets)])
+        pos_w = np.concatenate([np.full(len(t), 1.0 / len(t)) for t in targets])
+        n_rows = float(B)
+    else:
+        pos_r = np.concatenate([r * (W + 1) + np.arange(len(t)) for r, t in enumerate(targets)])
+        pos_w = np.ones(len(pos_r))
+        n_rows = float(len(pos_r))
+    pos_c = np.concatenate(targets).astype(np.int64)
+    pos_r = pos_r.astype(np.int64)
+    pos_w = pos_w.astype(np.float32)
+    ex_r = np.concatenate(ex_r).astype(np.int64) if ex_r else np.zeros(0, np.int64)
+    ex_c = np.concatenate(ex_c).astype(np.int64) if ex_c else np.zeros(0, np.int64)
+    rows_used = np.asarray(rows_used, np.int64)
+    t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+    batch: dict[str, Any] = {"objective": objective, "pool": p["_pool"]}
+    if n_items > int(p["full_softmax_max"]):
+        # sampled softmax: the batch's targets and inputs (in-batch negatives) + uniform negatives
+        negs = rng.integers(0, n_items, int(p["n_negatives"]))
+        cand = np.unique(np.concatenate([pos_c, negs, tok[tok > 0] - 1]))
+        batch["tokens_c"] = t(np.where(tok > 0, np.searchsorted(cand, np.maximum(tok - 1, 0)) + 1, 0))
+        pos_c = np.searchsorted(cand, pos_c)
+        keep = np.isin(ex_c, cand)
+        ex_r, ex_c = ex_r[keep], np.searchsorted(cand, ex_c[keep])
+        batch["cand"] = t(cand)
+        n_id = len(cand)
+    else:
+        n_id = n_items
+    keep_id = (rng.random(n_id) >= float(p["id_dropout"])).astype(np.float32)
+    batch.update({
+        "tokens": t(tok), "gaps": t(gap), "ratings": t(rat),
+        "attrs": t(attrs[rows_used]), "crosses": t(crosses[rows_used]),
+        "pos_rows": t(pos_r), "pos_cols": t(pos_c), "pos_w": t(pos_w),
+        "excl_rows": t(ex_r), "excl_cols": t(ex_c), "n_rows": n_rows,
+        "keep_id": t(keep_id),
+    })
+    return batch
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+class Checkpointer:
+    """``<dir>/last/``: state.safetensors (model, best model, optimizer tensors) + state.json.
+
+    The JSON holds epoch, step, early-stopping state, the history of metrics,
+    the optimizer's param groups, the numpy and torch RNG states and the
+    fingerprint of params + data; a checkpoint whose fingerprint differs is
+    ignored (a fresh run starts).  Written with ``atomic_path``: a kill while
+    saving leaves the previous checkpoint intact.
+    """
+
+    def __init__(self, root: str | os.PathLike, fingerprint: str):
+        self.dir = Path(root) / "last"
+        self.fingerprint = fingerprint
+
+    def save(self, model, best_state: dict | None, optimizer, info: dict) -> None:
+        torch = _torch()
+        from safetensors.torch import save_file
+
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        if best_state is not None:
+            tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
+        osd = optimizer.state_dict()
+        for pid, st in osd["state"].items():
+            for k, v in st.items():
+                tv = v if torch.is_tensor(v) else torch.tensor(v)
+                tensors[f"opt.{pid}.{k}"] = tv.detach().cpu().contiguous()
+        meta = dict(info)
+        meta["fingerprint"] = self.fingerprint
+        meta["param_groups"] = osd["param_groups"]
+        meta["torch_rng"] = torch.get_rng_state().tolist()
+        with atomic_path(self.dir, is_dir=True) as tmp:
+            save_file(tensors, str(tmp / "state.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(meta, default=_json_default), encoding="utf-8")
+
+    def load(self) -> tuple[dict, dict] | None:
+        """(tensors, info) of a compatible checkpoint, or None."""
+        from safetensors.torch import load_file
+
+        j, s = self.dir / "state.json", self.dir / "state.safetensors"
+        if not (j.is_file() and s.is_file()):
+            return None
+        info = json.loads(j.read_text(encoding="utf-8"))
+        if info.get("fingerprint") != self.fingerprint:
+            log.info("checkpoint %s is for other params/data: starting afresh", self.dir)
+            return None
+        return load_file(str(s)), info
+
+    @staticmethod
+    def restore(tensors: dict, info: dict, model, optimizer) -> dict | None:
+        torch = _torch()
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v
+        optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+        torch.set_rng_state(torch.tensor(info["torch_rng"], dtype=torch.uint8))
+        return best
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+def fingerprint(params: dict, data: Interactions, extra: Any = None) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in params.items() if not k.startswith("_")},
+                        sort_keys=True, default=str).encode())
+    d = data.df
+    h.update(np.asarray(pd.util.hash_pandas_object(
+        d[["uidx", "iidx", TS] + (["fold"] if "fold" in d else [])], index=False)).tobytes())
+    h.update(str(data.n_users).encode() + b"/" + str(data.n_items).encode())
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- recommender
+
+class EncoderRecommender(Recommender):
+    """Transformer user encoder; ``score = [u, 1] . [v_i, b_i]`` (see module docstring).
+
+    Side information is optional: call :meth:`set_side_info` before ``fit``
+    with item features per modality and the users table; call
+    :meth:`set_run` to checkpoint into a directory and log with dvclive.
+    """
+
+    name = "encoder"
+
+    def __init__(self, **params: Any):
+        super().__init__(**{**DEFAULTS, **params})
+        self._features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._users: pd.DataFrame | None = None
+        self._workdir: Path | None = None
+        self._live = None
+        self.item_vecs_: np.ndarray | None = None
+        self.user_vecs_: np.ndarray | None = None
+        self.prior_vec_: np.ndarray | None = None
+        self.weights_: dict[str, np.ndarray] = {}
+        self.train_info_: dict = {}
+
+    # ---- configuration ------------------------------------------------
+    def set_side_info(self, features: dict[str, tuple[np.ndarray, np.ndarray] | None] | None = None,
+                      users: pd.DataFrame | None = None) -> "EncoderRecommender":
+        """``features``: {modality: (emb [n_items, d], present [n_items])} in catalogue order."""
+        self._features = {m: v for m, v in (features or {}).items() if v is not None}
+        self._users = users
+        return self
+
+    def set_run(self, workdir: str | os.PathLike | None = None, live=None) -> "EncoderRecommender":
+        self._workdir = Path(workdir) if workdir is not None else None
+        self._live = live
+        return self
+
+    # ---- training -----------------------------------------------------
+    def _arch(self, data: Interactions) -> dict:
+        p = self.params
+        spec = attribute_spec(self._users, p)
+        mods = [m for m in MODALITIES if m in self._features] + \
+               sorted(m for m in self._features if m not in MODALITIES)
+        r = data.df[RATING].to_numpy(np.float64) if RATING in data.df and len(data.df) else np.ones(1)
+        r = r[np.isfinite(r)] if np.isfinite(r).any() else np.ones(1)
+        pool = p["pool"] if p["pool"] != "auto" else ("last" if p["objective"] == "next" else "cls")
+        return {
+            "d_model": int(p["d_model"]), "n_layers": int(p["n_layers"]), "n_heads": int(p["n_heads"]),
+            "ff_mult": int(p["ff_mult"]), "max_len": int(p["max_len"]), "dropout": float(p["dropout"]),
+            "n_items": int(data.n_items), "modalities": mods,
+            "modality_dims": [int(self._features[m][0].shape[1]) for m in mods],
+            "use_time": bool(p["use_time"]),
+            "use_rating": bool(p["use_rating"]) and float(r.max()) > float(r.min()),
+            "rating_range": [float(r.min()), float(r.max())],
+            "attr_spec": spec, "attr_sizes": [len(c["vocab"]) if c["kind"] == "cat" else
+                                              len(c["edges"]) + 1 for c in spec],
+            "attr_hash_buckets": int(p["attr_hash_buckets"]), "pool": pool,
+            "causal": p["objective"] == "next",
+        }
+
+    def _fit(self, data: Interactions) -> None:
+        torch = _torch()
+        prev = torch.are_deterministic_algorithms_enabled()
+        try:
+            self._train(data)
+        finally:
+            torch.use_deterministic_algorithms(prev)
+
+    def _train(self, data: Interactions) -> None:
+        torch = _torch()
+        from ..features import autocast, autocast_dtype, select_device, set_threads
+
+        p = self.params
+        arch = self._arch(data)
+        self.params["_arch"] = arch
+        dist = _dist_info()
+        if dist["world"] > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend)
+        if dist["world"] > 1 and torch.cuda.is_available():
+            device = torch.device("cuda", dist["local_rank"])
+            torch.cuda.set_device(device)
+        else:
+            device = select_device(p["device"])
+        if device.type == "cpu":
+            set_threads(int(p["threads"]) or None)
+            if p["deterministic"]:
+                torch.use_deterministic_algorithms(True)
+        amp = autocast_dtype(device, p["precision"])
+        is_main = dist["rank"] == 0
+
+        # data: fit rows train, val rows early-stop, all rows for the final vectors
+        df = data.df
+        if "fold" in df.columns and (df["fold"] == "val").any():
+            fit_df, val_df = df[df["fold"] != "val"], df[df["fold"] == "val"]
+        else:
+            fit_df, val_df = df, df.iloc[:0]
+        rr = tuple(arch["rating_range"])
+        hist_fit = _Histories.from_df(fit_df, data.n_users, rr)
+        hist_all = _Histories.from_df(df, data.n_users, rr)
+        codes = attribute_codes(self._users, data.user_ids, arch["attr_spec"])
+        cross = cross_codes(codes, arch["attr_hash_buckets"])
+        known = np.zeros(data.n_items, np.float32)
+        known[np.unique(fit_df["iidx"].to_numpy())] = 1.0
+
+        torch.manual_seed(int(p["seed"]))
+        model = build_module(arch)
+        self._load_buffers(model, known)
+        model.to(device)
+        train_model = model
+        if p["compile"] and device.type == "cuda":
+            train_model = torch.compile(model)
+        if dist["world"] > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None,
+                              find_unused_parameters=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=float(p["lr"]),
+                                weight_decay=float(p["weight_decay"]))
+
+        ckpt = None
+        state = {"epoch": 0, "step": 0, "best_metric": -1.0, "best_epoch": 0, "bad_epochs": 0,
+                 "history": [], "done": False, "train_seconds": 0.0}
+        best_state = None
+        resumed_from = 0
+        if self._workdir is not None:
+            ckpt = Checkpointer(self._workdir / "checkpoints",
+                                fingerprint(p, data, {"arch": arch, "world": dist["world"]}))
+            loaded = ckpt.load()
+            if loaded is not None:
+                best_state = Checkpointer.restore(loaded[0], loaded[1], model, opt)
+                for k in state:
+                    state[k] = loaded[1].get(k, state[k])
+                resumed_from = int(state["epoch"])
+                log.info("resumed from checkpoint at epoch %d", resumed_from)
+
+        val_truth = _truth_keys(val_df, data.n_items)
+        has_val = len(val_df) > 0
+        p_run = dict(p)
+        p_run["_pool"] = arch["pool"]
+        users_all = np.nonzero(np.diff(hist_fit.offsets) > 0)[0]
+        t_start = time.perf_counter() - float(state["train_seconds"])
+        live = self._live if is_main else None
+        while not state["done"] and state["epoch"] < int(p["epochs"]):
+            epoch = int(state["epoch"]) + 1
+            rng = np.random.default_rng([int(p["seed"]), epoch])
+            torch.manual_seed(int(p["seed"]) * 100_003 + epoch)
+            order = np.concatenate([rng.permutation(users_all) for _ in range(int(p["samples_per_user"]))])
+            if dist["world"] > 1:
+                from torch.utils.data import DistributedSampler
+
+                sampler = DistributedSampler(range(len(order)), num_replicas=dist["world"],
+                                             rank=dist["rank"], shuffle=False)
+                order = order[np.fromiter(iter(sampler), np.int64)]
+            model.train()
+            losses = []
+            bs = int(p["batch_size"])
+            for s in range(0, len(order), bs):
+                batch = _make_batch(order[s:s + bs], hist_fit, codes, cross, rng, p_run,
+                                    data.n_items, device)
+                if batch is None:
+                    continue
+                with autocast(device, amp):
+                    loss = train_model(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if float(p["grad_clip"]) > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(p["grad_clip"]))
+                opt.step()
+                state["step"] = int(state["step"]) + 1
+                losses.append(float(loss.detach()))
+            train_loss = float(np.mean(losses)) if losses else float("nan")
+            rec = {"epoch": epoch, "loss": train_loss}
+            if is_main:
+                if has_val:
+                    U = self._user_vectors(model, hist_fit, codes, cross, device, amp)
+                    V, b = _item_vectors(model, device)
+                    rec.update(_val_metrics(U, V, b, hist_fit, val_truth, int(p["eval_k"])))
+                    metric = rec[f"recall@{int(p['eval_k'])}"]
+                else:
+                    metric = -train_loss
+                if metric > float(state["best_metric"]) or best_state is None:
+                    state.update(best_metric=float(metric), best_epoch=epoch, bad_epochs=0)
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    state["bad_epochs"] = int(state["bad_epochs"]) + 1
+                elapsed = time.perf_counter() - t_start
+                rec["seconds"] = round(elapsed, 2)
+                state["history"].append(rec)
+                stop = (epoch >= int(p["min_epochs"]) and int(p["patience"]) > 0
+                        and int(state["bad_epochs"]) >= int(p["patience"]))
+                if float(p["max_train_seconds"]) > 0 and elapsed >= float(p["max_train_seconds"]):
+                    stop = True
+                state["epoch"] = epoch
+                state["done"] = bool(stop or epoch >= int(p["epochs"]))
+                state["train_seconds"] = elapsed
+                log.info("epoch %d loss %.4f %s", epoch, train_loss,
+                         " ".join(f"{k} {v:.4f}" for k, v in rec.items() if "@" in k))
+                if live is not None:
+                    live.log_metric("train/loss", train_loss)
+                    for k, v in rec.items():
+                        if "@" in k:
+                            live.log_metric(f"val/{k}", v)
+                    live.next_step()
+                if ckpt is not None:
+                    ckpt.save(model, best_state, opt,
+                              {**state, "numpy_rng": rng.bit_generator.state})
+            if dist["world"] > 1:
+                flag = torch.tensor([1.0 if state["done"] else 0.0, float(state["epoch"])], device=device)
+                torch.distributed.broadcast(flag, 0)
+                state["done"], state["epoch"] = bool(flag[0].item()), int(flag[1].item())
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        model.eval()
+        self.user_vecs_ = self._user_vectors(model, hist_all, codes, cross, device, amp)
+        V, b = _item_vectors(model, device)
+        self.item_vecs_ = np.concatenate([V, b[:, None]], 1).astype(np.float32)
+        unk = np.zeros((1, codes.shape[1]), np.int64)
+        self.prior_vec_ = self._user_vectors(model, _Histories.empty(1), unk,
+                                             cross_codes(unk, arch["attr_hash_buckets"]), device, amp)[0]
+        self.weights_ = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+        self.train_info_ = {"epochs_run": int(state["epoch"]), "best_epoch": int(state["best_epoch"]),
+                            f"best_val_recall@{int(p['eval_k'])}": float(state["best_metric"]),
+                            "resumed_from_epoch": resumed_from, "history": state["history"],
+                            "train_seconds": round(float(state["train_seconds"]), 2),
+                            "device": str(device), "world_size": dist["world"]}
+        self._model = model
+
+    def _load_buffers(self, model, known: np.ndarray) -> None:
+        torch = _torch()
+        with torch.no_grad():
+            model.known[1:] = torch.as_tensor(known)
+            for m in model.modalities:
+                emb, pres = self._features[m]
+                getattr(model, f"feat_{m}")[1:] = torch.as_tensor(_normalise_features(emb, pres))
+                getattr(model, f"present_{m}")[1:] = torch.as_tensor(pres.astype(np.float32))
+
+    def _user_vectors(self, model, hist: "_Histories", codes, cross, device, amp,
+                      batch_size: int = 256) -> np.ndarray:
+        torch = _torch()
+        from ..features import autocast
+
+        L = int(model.a["max_len"]) - 1
+        was = model.training
+        model.eval()
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(hist), batch_size):
+                us = range(s, min(s + batch_size, len(hist)))
+                seqs = [tuple(x[-L:] for x in hist.get(u)) for u in us]
+                tok, gap, rat = _pad_sequences(seqs, L)
+                t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+                idx = np.arange(us.start, us.stop)
+                with autocast(device, amp):
+                    V, _ = model.item_table()
+                    V_tok = torch.cat([torch.zeros_like(V[:1]), V])[t(tok)]
+                    h, pad = model.encode(t(tok), t(gap), t(rat), t(codes[idx]), t(cross[idx]), V_tok,
+                                          causal=bool(model.a.get("causal", False)))
+                    z = model.pool(h, pad, model.a["pool"])
+                out.append(z.float().cpu().numpy())
+        model.train(was)
+        U = np.concatenate(out) if out else np.zeros((0, int(model.a["d_model"])), np.float32)
+        return np.concatenate([U, np.ones((len(U), 1), np.float32)], 1).astype(np.float32)
+
+    # ---- scoring ------------------------------------------------------
+    def score_users(self, uidx: np.ndarray) -> np.ndarray:
+        uidx = np.asarray(uidx, np.int64)
+        U = np.where((uidx >= 0)[:, None], self.user_vecs_[np.maximum(uidx, 0)], self.prior_vec_[None])
+        return (U @ self.item_vecs_.T).astype(np.float32)
+
+    def _state(self) -> dict[str, np.ndarray]:
+        out = {f"w.{k}": v for k, v in self.weights_.items()}
+        out.update(item_vecs=self.item_vecs_, user_vecs=self.user_vecs_, prior_vec=self.prior_vec_)
+        return out
+
+    def _set_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.item_vecs_ = arrays["item_vecs"]
+        self.user_vecs_ = arrays["user_vecs"]
+        self.prior_vec_ = arrays["prior_vec"]
+        self.weights_ = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")}
+
+    def torch_module(self):
+        """Rebuild the trained torch module from the saved weights (CPU, eval mode)."""
+        torch = _torch()
+        model = build_module(self.params["_arch"])
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in self.weights_.items()})
+        return model.eval()
+
+    def encode_users(self, histories: list[list[str]], users: pd.DataFrame | None = None,
+                     user_ids=None) -> np.ndarray:
+        """User vectors ``[u, 1]`` for new histories (lists of item ids, time order).
+
+        ``users``/``user_ids`` give their attributes (unknown when omitted).
+        """
+        torch = _torch()
+        arch = self.params["_arch"]
+        model = self.torch_module()
+        item_index = pd.Index(self.item_ids)
+        rows = []
+        for h in histories:
+            ix = item_index.get_indexer(np.asarray(h, dtype=object).astype(str))
+            rows.append(ix[ix >= 0])
+        n = len(rows)
+        offsets = np.r_[0, np.cumsum([len(r) for r in rows])].astype(np.int64)
+        items = np.concatenate(rows).astype(np.int64) if n else np.zeros(0, np.int64)
+        ones = np.ones(len(items), np.int64)
+        hist = _Histories(items, np.zeros(len(items), np.int64), ones * (N_RATING_BUCKETS - 1), offsets)
+        ids = user_ids if user_ids is not None else [f"__new{i}" for i in range(n)]
+        codes = attribute_codes(users, ids, arch["attr_spec"])
+        return self._user_vectors(model, hist, codes, cross_codes(codes, arch["attr_hash_buckets"]),
+                                  torch.device("cpu"), None)
+
+
+def _item_vectors(model, device) -> tuple[np.ndarray, np.ndarray]:
+    torch = _torch()
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        V, b = model.item_table()
+    model.train(was)
+    return V.float().cpu().numpy(), b.float().cpu().numpy()
+
+
+def _truth_keys(val_df: pd.DataFrame, n_items: int) -> np.ndarray:
+    if len(val_df) == 0:
+        return np.zeros(0, np.int64)
+    return np.unique(val_df["uidx"].to_numpy(np.int64) * n_items + val_df["iidx"].to_numpy(np.int64))
+
+
+def _val_metrics(U: np.ndarray, V: np.ndarray, b: np.ndarray, hist_fit: _Histories,
+                 truth_keys: np.ndarray, k: int) -> dict[str, float]:
+    """Recall@k and NDCG@k on the val fold (fit items excluded), vectorised."""
+    n_items = len(V)
+    users = np.unique(truth_keys // n_items)
+    scores = U[users, :-1] @ V.T + b[None]
+    seen_u = np.repeat(np.arange(len(hist_fit)), np.diff(hist_fit.offsets))
+    pos = pd.Index(users).get_indexer(seen_u)
+    ok = pos >= 0
+    scores[pos[ok], hist_fit.items[ok]] = -np.inf
+    k = min(k, n_items)
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
+    top = np.take_along_axis(top, order, 1)
+    hits = np.isin(users[:, None] * n_items + top, truth_keys)
+    n_true = np.bincount(np.searchsorted(users, truth_keys // n_items), minlength=len(users))
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    idcg = np.cumsum(disc)[np.minimum(n_true, k) - 1]
+    return {f"recall@{k}": float(np.mean(hits.sum(1) / n_true)),
+            f"ndcg@{k}": float(np.mean((hits * disc).sum(1) / idcg))}
+
+
+def _dist_info() -> dict[str, int]:
+    return {"world": int(os.environ.get("WORLD_SIZE", "1")), "rank": int(os.environ.get("RANK", "0")),
+            "local_rank": int(os.environ.get("LOCAL_RANK", "0"))}
+
+
+__all__ = ["EncoderRecommender", "DEFAULTS", "load_modality", "attribute_spec", "attribute_codes",
+           "build_module", "Checkpointer"]
