@@ -57,3 +57,11 @@ clean:
 # Benchmark: two protocols (stratified, coldstart) on DATA -> reports/bench.json
 bench: venv
 	python -m pipelines.bench --data $(DATA) --out reports/bench.json
+
+# Airflow 3 locally (SQLite, DAGs from dags/): prints the UI address and login.
+airflow: venv
+	scripts/airflow_local.sh
+
+# One ingest pass over the landing zone (what the mmrec_ingest DAG runs).
+ingest: venv
+	python -m pipelines.ingest --landing landing --quarantine quarantine
