@@ -148,6 +148,9 @@ def load_raw(data_dir: str | Path) -> Dataset:
 
 def to_timestamp_seconds(values: pd.Series) -> pd.Series:
     """Convert Unix seconds or ISO-8601 strings to int64 seconds (NaN -> error upstream)."""
+    if isinstance(values.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(values):
+        dt = pd.to_datetime(values, utc=True)
+        return ((dt - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).astype("float64")
     num = pd.to_numeric(values, errors="coerce").astype("float64")
     if num.notna().all():
         return num
