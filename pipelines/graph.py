@@ -48,6 +48,7 @@ class Stage:
 
 
 BASE_CODE = ("io.py", "schema.py", "data.py")
+FEATURE_CODE = ("io.py", "schema.py", "features.py", "encoders.py")
 
 STAGES: list[Stage] = [
     Stage(
@@ -66,6 +67,30 @@ STAGES: list[Stage] = [
         outs=("artifacts/split",),
         code=BASE_CODE,
         metrics=("artifacts/split/summary.json",),
+    ),
+    Stage(
+        name="preprocess_text",
+        args={"data": "artifacts/validate", "out": "artifacts/preprocess_text"},
+        deps=("artifacts/validate",),
+        outs=("artifacts/preprocess_text",),
+        code=FEATURE_CODE,
+        heavy=True,
+    ),
+    Stage(
+        name="preprocess_image",
+        args={"data": "artifacts/validate", "media-root": DATA, "out": "artifacts/preprocess_image"},
+        deps=("artifacts/validate", DATA),
+        outs=("artifacts/preprocess_image",),
+        code=FEATURE_CODE + ("media.py",),
+        heavy=True,
+    ),
+    Stage(
+        name="preprocess_video",
+        args={"data": "artifacts/validate", "media-root": DATA, "out": "artifacts/preprocess_video"},
+        deps=("artifacts/validate", DATA),
+        outs=("artifacts/preprocess_video",),
+        code=FEATURE_CODE + ("media.py",),
+        heavy=True,
     ),
     Stage(
         name="fit_cf",
