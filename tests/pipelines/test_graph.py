@@ -43,10 +43,13 @@ def test_stage_name_module_and_params_section_agree():
 def test_every_stage_reads_only_its_own_section():
     for s in graph.STAGES:
         src = (ROOT / "tasks" / f"{s.name}.py").read_text()
-        assert f'load_params("{s.name}"' in src, s.name
+        direct = f'load_params("{s.name}"' in src
+        via_const = f'STAGE = "{s.name}"' in src and "load_params(STAGE" in src
+        assert direct or via_const, s.name
         for other in graph.STAGES:
             if other.name != s.name:
                 assert f'load_params("{other.name}"' not in src, (s.name, other.name)
+                assert f'STAGE = "{other.name}"' not in src, (s.name, other.name)
 
 
 def test_graph_is_acyclic_and_validate_first():
