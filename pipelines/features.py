@@ -310,13 +310,36 @@ def autocast(device, dtype) -> Iterator[None]:
 
 
 def prepare_cpu_runtime() -> None:
-    """Call before torch is imported (stage ``main``): idle OpenMP threads sleep
-    instead of spinning (``OMP_WAIT_POLICY=PASSIVE`` unless already set).  On a
-    CPU shared with other jobs, spinning threads made 2-thread inference 3-5x
-    slower than 1 thread; sleeping threads cost little on an idle machine.
+    """Process-level CPU inference settings; call first thing in a stage ``main``.
+
+    * idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``
+      unless already set; only effective before torch is imported).  On a CPU
+      shared with other jobs, spinning made 2-thread inference 3-5x slower than
+      1 thread.
+    * glibc malloc keeps freed activation buffers (mmap threshold 32 MiB, trim
+      threshold 256 MiB) instead of returning them to the OS after every layer:
+      measured on 500 posters, system time 6.2 s -> 2.4-3.7 s, wall -20-30 %.
+      Same effect as ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``; a no-op
+      where the C library has no ``mallopt``.
     """
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return  # the user tuned malloc already
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+    mallopt(m_trim_threshold, 256 * 1024 * 1024)
 
 
 def set_threads(n: int | None) -> int:

@@ -48,6 +48,7 @@ class Stage:
 
 
 BASE_CODE = ("io.py", "schema.py", "data.py")
+FEATURE_DIRS = ("artifacts/preprocess_text", "artifacts/preprocess_image", "artifacts/preprocess_video")
 FEATURE_CODE = ("io.py", "schema.py", "features.py", "encoders.py")
 
 STAGES: list[Stage] = [
@@ -101,15 +102,58 @@ STAGES: list[Stage] = [
         heavy=True,
     ),
     Stage(
+        name="train_encoder",
+        args={"split": "artifacts/split", "text": "artifacts/preprocess_text", "image": "artifacts/preprocess_image",
+              "video": "artifacts/preprocess_video",
+              "out": "artifacts/train_encoder"},
+        deps=("artifacts/split",) + FEATURE_DIRS,
+        outs=("artifacts/train_encoder",),
+        code=BASE_CODE + ("recommenders", "features.py"),
+        metrics=("artifacts/train_encoder/metrics.json",),
+        plots=("artifacts/train_encoder/dvclive/plots",),
+        pool="gpu",
+        heavy=True,
+    ),
+    Stage(
+        name="build_profiles",
+        args={"split": "artifacts/split", "text": "artifacts/preprocess_text", "image": "artifacts/preprocess_image",
+              "video": "artifacts/preprocess_video",
+              "encoder": "artifacts/train_encoder", "out": "artifacts/build_profiles"},
+        deps=("artifacts/split", "artifacts/train_encoder") + FEATURE_DIRS,
+        outs=("artifacts/build_profiles",),
+        code=BASE_CODE + ("profiles.py", "features.py"),
+    ),
+    Stage(
+        name="fuse",
+        args={"split": "artifacts/split", "cf": "artifacts/fit_cf", "encoder": "artifacts/train_encoder",
+              "profiles": "artifacts/build_profiles", "text": "artifacts/preprocess_text", "image": "artifacts/preprocess_image",
+              "video": "artifacts/preprocess_video",
+              "out": "artifacts/fuse", "report": "reports/fuse"},
+        deps=("artifacts/split", "artifacts/fit_cf", "artifacts/train_encoder",
+              "artifacts/build_profiles") + FEATURE_DIRS,
+        outs=("artifacts/fuse", "reports/fuse"),
+        code=BASE_CODE + ("fusion.py", "recommenders", "features.py"),
+        heavy=True,
+    ),
+    Stage(
         name="evaluate",
-        args={"split": "artifacts/split", "models": ["artifacts/fit_cf"],
-              "out": "reports/evaluate"},
-        deps=("artifacts/split", "artifacts/fit_cf"),
+        args={"split": "artifacts/split", "models": ["artifacts/fit_cf", "artifacts/train_encoder"],
+              "recs": ["hybrid=artifacts/fuse/recommendations.parquet"], "out": "reports/evaluate"},
+        deps=("artifacts/split", "artifacts/fit_cf", "artifacts/train_encoder", "artifacts/fuse"),
         outs=("reports/evaluate",),
         code=BASE_CODE + ("metrics.py", "recommenders"),
         metrics=("reports/evaluate/metrics.json",),
         plots=({"reports/evaluate/recall_curve.csv": {"x": "k", "y": "recall",
                                                         "template": "linear"}},),
+    ),
+    Stage(
+        name="publish",
+        args={"metrics": "reports/evaluate/metrics.json", "profiles": "artifacts/build_profiles",
+              "recs": "artifacts/fuse", "out": "artifacts/publish"},
+        deps=("reports/evaluate/metrics.json", "artifacts/build_profiles", "artifacts/fuse"),
+        outs=("artifacts/publish",),
+        code=("io.py", "schema.py", "publish_s3.py"),
+        metrics=("artifacts/publish/decision.json",),
     ),
 ]
 

@@ -54,6 +54,8 @@ from ._cli import parser, run_main
 
 log = logging.getLogger("mmrec.preprocess_image")
 
+#: bump when the preprocessing code changes its output: invalidates cached rows
+PREPROCESS_VERSION = 1
 STAGE = "preprocess_image"
 DEFAULTS: dict[str, Any] = {
     "column": "image",
@@ -73,7 +75,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _hash_params(p: dict[str, Any]) -> dict[str, Any]:
-    return {"image_size": int(p["image_size"]),
+    return {"version": PREPROCESS_VERSION, "image_size": int(p["image_size"]),
             "resize_size": int(p["resize_size"] or p["image_size"]),
             "resample": "bicubic", "crop": "center", "exif_transpose": True,
             "normalise": "l2"}

@@ -48,6 +48,8 @@ from ._cli import parser, run_main
 
 log = logging.getLogger("mmrec.preprocess_text")
 
+#: bump when the preprocessing code changes its output: invalidates cached rows
+PREPROCESS_VERSION = 1
 STAGE = "preprocess_text"
 DEFAULT_PREFIXES = {
     "title": "Title: ",
@@ -178,7 +180,8 @@ def preprocess_text(items: pd.DataFrame, params: dict[str, Any], *, encoder=None
     cache = cache or FeatureCache()
     item_ids = items[ITEM].astype(str).tolist()
     model_texts, plain_texts = build_texts(items, p)
-    hash_params = {"max_length": int(p["max_length"]), "pooling": "mean", "normalise": "l2"}
+    hash_params = {"version": PREPROCESS_VERSION, "max_length": int(p["max_length"]),
+                   "pooling": "mean", "normalise": "l2"}
     n = len(item_ids)
     hashes = [content_hash(t, hash_params) if t else "" for t in model_texts]
     present = np.array([bool(t) for t in model_texts], dtype=bool)

@@ -51,6 +51,8 @@ from ._cli import parser, run_main
 
 log = logging.getLogger("mmrec.preprocess_video")
 
+#: bump when the preprocessing code changes its output: invalidates cached rows
+PREPROCESS_VERSION = 1
 STAGE = "preprocess_video"
 DEFAULTS: dict[str, Any] = {
     "column": "video",
@@ -81,7 +83,8 @@ def pool_frames(frame_feats: np.ndarray) -> np.ndarray:
 
 
 def _hash_params(p: dict[str, Any]) -> dict[str, Any]:
-    return {"image_size": int(p["image_size"]), "n_frames": int(p["n_frames"]),
+    return {"version": PREPROCESS_VERSION, "image_size": int(p["image_size"]),
+            "n_frames": int(p["n_frames"]),
             "sampling": str(p["sampling"]), "pooling": "mean+max", "resample": "bicubic",
             "crop": "center"}
 

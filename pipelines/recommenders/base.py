@@ -25,6 +25,8 @@ from ..data import Interactions
 from ..io import atomic_path
 
 REGISTRY: dict[str, type["Recommender"]] = {}
+# models whose module is imported only when a saved one is loaded (torch is slow to import)
+LAZY_MODULES = {"encoder": "pipelines.recommenders.encoder"}
 
 
 class Recommender(ABC):
@@ -125,6 +127,10 @@ class Recommender(ABC):
         path = Path(path)
         try:
             meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            if meta.get("model") in LAZY_MODULES and meta["model"] not in REGISTRY:
+                import importlib
+
+                importlib.import_module(LAZY_MODULES[meta["model"]])
             model_cls = REGISTRY[meta["model"]] if cls is Recommender else cls
             if meta["model"] != model_cls.name:
                 raise ValueError(f"saved model is '{meta['model']}', not '{model_cls.name}'")

@@ -85,19 +85,28 @@ N_RATING_BUCKETS = 12
 DEFAULTS: dict[str, Any] = {
     # architecture
     "d_model": 64, "n_layers": 2, "n_heads": 2, "ff_mult": 2, "max_len": 200, "dropout": 0.2,
-    "pool": "auto",               # auto (holdout: cls, next: last) | cls | mean | last
+    "d_item": None,               # item / user vector size (None = d_model); projected to d_model inside
+    "head_mlp": False,            # user head: Linear (False) or Linear-GELU-Linear
+    "pool": "auto",               # auto (holdout: mean, next: last) | cls | mean | last
+    "bag": False,
+    "tie": True,                  # input tokens and output vectors share the item tables                 # add a linear map of the mean input item vector to the user vector
     "use_time": True, "use_rating": True, "use_attributes": True,
     "attr_max_categories": 50,    # categorical columns with more values are bucketed if numeric, else dropped
     "attr_numeric_buckets": 8, "attr_hash_buckets": 1024,
     # objective
     "objective": "holdout",       # holdout | next
     "input_min": 0.5, "input_max": 0.9,  # holdout: share of the history used as input
+    "input_target_weight": 0.0,
+    "target_norm": "user",        # user: each user's targets sum to 1 | item: each target weighs the same   # holdout: >0 also reconstructs the input items with this relative weight
     "cold_train_prob": 0.1, "cold_user_max": 5,
     "full_softmax_max": 20000, "n_negatives": 2048,
     "id_dropout": 0.1, "token_dropout": 0.0,
     # optimisation
     "epochs": 60, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.01, "grad_clip": 1.0,
+    "lr_schedule": "constant",    # constant | cosine (over ``epochs``, after ``warmup_epochs`` linear warm-up)
+    "warmup_epochs": 0, "lr_min_ratio": 0.1,
     "samples_per_user": 1, "patience": 8, "eval_k": 20, "min_epochs": 1,
+    "ema": 0.0,                   # >0: evaluate / export an exponential moving average of the weights
     "seed": 42, "device": "auto", "precision": "auto", "compile": False, "threads": 0,
     "deterministic": True, "max_train_seconds": 0,
 }
@@ -227,8 +236,9 @@ def build_module(arch: dict):
             super().__init__()
             self.a = a
             d, n_items = int(a["d_model"]), int(a["n_items"])
+            di = int(a.get("d_item") or d)  # item / user vector size (scoring space)
             self.n_items = n_items
-            self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
+            self.item_emb = nn.Embedding(n_items + 1, di, padding_idx=0)
             nn.init.normal_(self.item_emb.weight, std=0.05)
             with torch.no_grad():
                 self.item_emb.weight[0].zero_()
@@ -241,10 +251,20 @@ def build_module(arch: dict):
             for m, dim in zip(a["modalities"], a["modality_dims"]):
                 self.register_buffer(f"feat_{m}", torch.zeros(n_items + 1, int(dim)), persistent=True)
                 self.register_buffer(f"present_{m}", torch.zeros(n_items + 1), persistent=True)
-                self.proj[m] = nn.Linear(int(dim), d, bias=False)
+                self.proj[m] = nn.Linear(int(dim), di, bias=False)
                 self.proj_bias[m] = nn.Linear(int(dim), 1, bias=False)
                 nn.init.normal_(self.proj[m].weight, std=0.05)
                 nn.init.zeros_(self.proj_bias[m].weight)
+            self.in_item_emb, self.in_proj_m = None, None
+            if not a.get("tie", True):  # separate input-side item tables
+                self.in_item_emb = nn.Embedding(n_items + 1, di, padding_idx=0)
+                nn.init.normal_(self.in_item_emb.weight, std=0.05)
+                with torch.no_grad():
+                    self.in_item_emb.weight[0].zero_()
+                self.in_proj_m = nn.ModuleDict({m: nn.Linear(int(dim), di, bias=False)
+                                                for m, dim in zip(a["modalities"], a["modality_dims"])})
+                for lin in self.in_proj_m.values():
+                    nn.init.normal_(lin.weight, std=0.05)
             L = int(a["max_len"])
             self.pos_emb = nn.Embedding(L, d)
             nn.init.normal_(self.pos_emb.weight, std=0.02)
@@ -264,30 +284,42 @@ def build_module(arch: dict):
                                                batch_first=True, norm_first=True)
             self.encoder = nn.TransformerEncoder(layer, int(a["n_layers"]), enable_nested_tensor=False)
             self.norm = nn.LayerNorm(d)
-            self.head = nn.Linear(d, d)
+            self.in_proj = nn.Linear(di, d) if di != d else None
+            self.head = nn.Sequential(nn.Linear(d, di), nn.GELU(), nn.Linear(di, di)) \
+                if a.get("head_mlp") else nn.Linear(d, di)
+            self.bag = nn.Linear(di, di, bias=False) if a.get("bag") else None
             self.drop = nn.Dropout(float(a["dropout"]))
 
         # item side -------------------------------------------------------
-        def item_table(self, idx=None, keep_id=None):
-            """(V [k, d], b [k]) for item indices ``idx`` (0-based; None = all items)."""
+        def item_table(self, idx=None, keep_id=None, side: str = "out"):
+            """(V [k, d_item], b [k]) for item indices ``idx`` (0-based; None = all items).
+
+            ``side='in'`` gives the input-token representation: the same
+            tables unless the model is untied (``tie: false``), in which case
+            inputs have their own id embeddings and content projections.
+            """
             rows = (torch.arange(self.n_items, device=self.known.device) if idx is None else idx) + 1
             mask = self.known[rows]
             if keep_id is not None:
                 mask = mask * keep_id
-            V = self.item_emb(rows) * mask[:, None]
+            untied = side == "in" and self.in_item_emb is not None
+            emb = self.in_item_emb if untied else self.item_emb
+            proj = self.in_proj_m if untied else self.proj
+            V = emb(rows) * mask[:, None]
             b = self.id_bias(rows)[:, 0] * mask
             for m in self.modalities:
                 pres = getattr(self, f"present_{m}")[rows]
                 f = getattr(self, f"feat_{m}")[rows]
-                V = V + self.proj[m](f) * pres[:, None]
-                b = b + self.proj_bias[m](f)[:, 0] * pres
+                V = V + proj[m](f) * pres[:, None]
+                if not untied:
+                    b = b + self.proj_bias[m](f)[:, 0] * pres
             return V, b
 
         # user side -------------------------------------------------------
         def encode(self, tokens, gaps, ratings, attrs, crosses, V_tok, causal: bool = False):
             """User states. tokens [B, L] (0 = pad, else item index + 1); V_tok [B, L, d]."""
             B, L = tokens.shape
-            x = V_tok
+            x = V_tok if self.in_proj is None else self.in_proj(V_tok)
             pos = torch.arange(1, L + 1, device=tokens.device).clamp(max=self.pos_emb.num_embeddings - 1)
             x = x + self.pos_emb(pos)[None]
             if self.gap_emb is not None:
@@ -306,6 +338,9 @@ def build_module(arch: dict):
             if causal:
                 mask = torch.triu(torch.ones(L + 1, L + 1, dtype=torch.bool, device=x.device), 1)
             h = self.encoder(x, mask=mask, src_key_padding_mask=pad)
+            if self.bag is not None:  # residual "bag of items" path: masked mean of the input items
+                n = (tokens > 0).sum(1, keepdim=True).clamp(min=1).to(V_tok.dtype)
+                self._bag_mean = V_tok.sum(1) / n
             return self.norm(h), pad
 
         def pool(self, h, pad, how: str):
@@ -319,19 +354,20 @@ def build_module(arch: dict):
                 z = h[torch.arange(h.shape[0], device=h.device), last]
             else:
                 raise ValueError(f"unknown pool '{how}'")
-            return self.head(z)
+            z = self.head(z)
+            if self.bag is not None:
+                z = z + self.bag(self._bag_mean)
+            return z
 
         def forward(self, batch: dict):
             """Training loss for one batch (see :func:`_make_batch`)."""
             keep_id = batch.get("keep_id")
             cand = batch.get("cand")  # sorted 0-based candidate items, or None = all
             tokens = batch["tokens"]
-            if cand is None:
-                V, b = self.item_table(None, keep_id)
-                V_tok = torch.cat([torch.zeros_like(V[:1]), V])[tokens]
-            else:
-                V, b = self.item_table(cand, keep_id)
-                V_tok = torch.cat([torch.zeros_like(V[:1]), V])[batch["tokens_c"]]
+            V, b = self.item_table(cand, keep_id)
+            Vi = V if self.in_item_emb is None else self.item_table(cand, keep_id, side="in")[0]
+            Vi = torch.cat([torch.zeros_like(Vi[:1]), Vi])
+            V_tok = Vi[tokens] if cand is None else Vi[batch["tokens_c"]]
             causal = batch["objective"] == "next"
             h, pad = self.encode(tokens, batch["gaps"], batch["ratings"], batch["attrs"],
                                  batch["crosses"], V_tok, causal=causal)
@@ -422,6 +458,22 @@ def _pad_sequences(seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], L: int
     return tok, gap, rat
 
 
+def _length_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int,
+                    rng: np.random.Generator, pool: int = 32) -> list[np.ndarray]:
+    """Split ``order`` into batches of users with similar history lengths (less padding).
+
+    Consecutive windows of ``pool * batch_size`` users are sorted by length
+    and cut into batches; the batches are then shuffled.
+    """
+    batches = []
+    win = max(1, pool) * batch_size
+    for s in range(0, len(order), win):
+        w = order[s:s + win]
+        w = w[np.argsort(lengths[w], kind="stable")]
+        batches += [w[i:i + batch_size] for i in range(0, len(w), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def _sample_holdout(rng: np.random.Generator, n: int, p: dict) -> tuple[np.ndarray, np.ndarray]:
     """Positions (time order) of input and target items for one user history of length n."""
     perm = rng.permutation(n)
@@ -449,8 +501,9 @@ def _make_batch(users: np.ndarray, hist: _Histories, attrs: np.ndarray, crosses:
     torch = _torch()
     objective = p["objective"]
     L = int(p["max_len"]) - 1
-    seqs, targets, rows_used = [], [], []
+    seqs, targets, weights, rows_used = [], [], [], []
     ex_r, ex_c = [], []
+    iw = float(p.get("input_target_weight", 0.0))
     for u in users:
         it, ts, rb = hist.get(int(u))
         if len(it) == 0:
@@ -463,10 +516,16 @@ def _make_batch(users: np.ndarray, hist: _Histories, attrs: np.ndarray, crosses:
                 inp = inp[rng.random(len(inp)) >= float(p["token_dropout"])]
             seqs.append((it[inp], ts[inp], rb[inp]))
             t_items = np.unique(it[tgt])
-            targets.append(t_items)
-            e = np.setdiff1d(np.unique(it[inp]), t_items)
-            ex_r.append(np.full(len(e), r))
-            ex_c.append(e)
+            in_items = np.setdiff1d(np.unique(it[inp]), t_items)
+            if iw > 0:  # also reconstruct the input items (Mult-DAE style), down-weighted by iw
+                targets.append(np.concatenate([t_items, in_items]))
+                tw = np.r_[np.ones(len(t_items)), np.full(len(in_items), iw)]
+                weights.append(tw / tw.sum())
+            else:  # predict only the held-out items; input items leave the softmax
+                targets.append(t_items)
+                weights.append(np.full(len(t_items), 1.0 / max(len(t_items), 1)))
+                ex_r.append(np.full(len(in_items), r))
+                ex_c.append(in_items)
         else:  # next: a window of up to L+1 items; position t (0 = ATTR) predicts window[t]
             if len(it) > L + 1:
                 s = int(rng.integers(0, len(it) - L)) if rng.random() < 0.5 else len(it) - L - 1
@@ -479,8 +538,11 @@ def _make_batch(users: np.ndarray, hist: _Histories, attrs: np.ndarray, crosses:
     B, W = tok.shape
     if objective == "holdout":
         pos_r = np.concatenate([np.full(len(t), r) for r, t in enumerate(targets)])
-        pos_w = np.concatenate([np.full(len(t), 1.0 / len(t)) for t in targets])
+        pos_w = np.concatenate(weights)
         n_rows = float(B)
+        if p.get("target_norm", "user") == "item":  # every target counts the same (heavy users weigh more)
+            sizes = np.concatenate([np.full(len(t), len(t)) for t in targets])
+            pos_w = pos_w * sizes * B / max(len(pos_w), 1)
     else:
         pos_r = np.concatenate([r * (W + 1) + np.arange(len(t)) for r, t in enumerate(targets)])
         pos_w = np.ones(len(pos_r))
@@ -532,13 +594,16 @@ class Checkpointer:
         self.dir = Path(root) / "last"
         self.fingerprint = fingerprint
 
-    def save(self, model, best_state: dict | None, optimizer, info: dict) -> None:
+    def save(self, model, best_state: dict | None, optimizer, info: dict,
+             ema_state: dict | None = None) -> None:
         torch = _torch()
         from safetensors.torch import save_file
 
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         if best_state is not None:
             tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
+        if ema_state is not None:
+            tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema_state.items()})
         osd = optimizer.state_dict()
         for pid, st in osd["state"].items():
             for k, v in st.items():
@@ -566,10 +631,12 @@ class Checkpointer:
         return load_file(str(s)), info
 
     @staticmethod
-    def restore(tensors: dict, info: dict, model, optimizer) -> dict | None:
+    def restore(tensors: dict, info: dict, model, optimizer) -> tuple[dict | None, dict | None]:
+        """Load model and optimizer state; returns (best state, EMA state)."""
         torch = _torch()
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+        ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
         state: dict[int, dict] = {}
         for k, v in tensors.items():
             if k.startswith("opt."):
@@ -577,7 +644,7 @@ class Checkpointer:
                 state.setdefault(int(pid), {})[name] = v
         optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
         torch.set_rng_state(torch.tensor(info["torch_rng"], dtype=torch.uint8))
-        return best
+        return best, ema
 
 
 def _json_default(o):
@@ -645,9 +712,10 @@ class EncoderRecommender(Recommender):
                sorted(m for m in self._features if m not in MODALITIES)
         r = data.df[RATING].to_numpy(np.float64) if RATING in data.df and len(data.df) else np.ones(1)
         r = r[np.isfinite(r)] if np.isfinite(r).any() else np.ones(1)
-        pool = p["pool"] if p["pool"] != "auto" else ("last" if p["objective"] == "next" else "cls")
+        pool = p["pool"] if p["pool"] != "auto" else ("last" if p["objective"] == "next" else "mean")
         return {
             "d_model": int(p["d_model"]), "n_layers": int(p["n_layers"]), "n_heads": int(p["n_heads"]),
+            "d_item": int(p["d_item"] or p["d_model"]), "head_mlp": bool(p["head_mlp"]),
             "ff_mult": int(p["ff_mult"]), "max_len": int(p["max_len"]), "dropout": float(p["dropout"]),
             "n_items": int(data.n_items), "modalities": mods,
             "modality_dims": [int(self._features[m][0].shape[1]) for m in mods],
@@ -657,7 +725,7 @@ class EncoderRecommender(Recommender):
             "attr_spec": spec, "attr_sizes": [len(c["vocab"]) if c["kind"] == "cat" else
                                               len(c["edges"]) + 1 for c in spec],
             "attr_hash_buckets": int(p["attr_hash_buckets"]), "pool": pool,
-            "causal": p["objective"] == "next",
+            "causal": p["objective"] == "next", "bag": bool(p["bag"]), "tie": bool(p["tie"]),
         }
 
     def _fit(self, data: Interactions) -> None:
@@ -724,13 +792,18 @@ class EncoderRecommender(Recommender):
         state = {"epoch": 0, "step": 0, "best_metric": -1.0, "best_epoch": 0, "bad_epochs": 0,
                  "history": [], "done": False, "train_seconds": 0.0}
         best_state = None
+        ema = float(p["ema"])
+        ema_state = {k: v.detach().clone() for k, v in model.named_parameters()} if ema > 0 else None
+        eval_model = build_module(arch).to(device) if ema > 0 else model
         resumed_from = 0
         if self._workdir is not None:
             ckpt = Checkpointer(self._workdir / "checkpoints",
                                 fingerprint(p, data, {"arch": arch, "world": dist["world"]}))
             loaded = ckpt.load()
             if loaded is not None:
-                best_state = Checkpointer.restore(loaded[0], loaded[1], model, opt)
+                best_state, saved_ema = Checkpointer.restore(loaded[0], loaded[1], model, opt)
+                if ema_state is not None and saved_ema is not None:
+                    ema_state = {k: v.to(device) for k, v in saved_ema.items()}
                 for k in state:
                     state[k] = loaded[1].get(k, state[k])
                 resumed_from = int(state["epoch"])
@@ -757,9 +830,10 @@ class EncoderRecommender(Recommender):
             model.train()
             losses = []
             bs = int(p["batch_size"])
-            for s in range(0, len(order), bs):
-                batch = _make_batch(order[s:s + bs], hist_fit, codes, cross, rng, p_run,
-                                    data.n_items, device)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(p, epoch)
+            for chunk in _length_batches(order, np.diff(hist_fit.offsets), bs, rng):
+                batch = _make_batch(chunk, hist_fit, codes, cross, rng, p_run, data.n_items, device)
                 if batch is None:
                     continue
                 with autocast(device, amp):
@@ -769,21 +843,28 @@ class EncoderRecommender(Recommender):
                 if float(p["grad_clip"]) > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), float(p["grad_clip"]))
                 opt.step()
+                if ema_state is not None:
+                    with torch.no_grad():
+                        for k, v in model.named_parameters():
+                            ema_state[k].mul_(ema).add_(v.detach(), alpha=1.0 - ema)
                 state["step"] = int(state["step"]) + 1
                 losses.append(float(loss.detach()))
             train_loss = float(np.mean(losses)) if losses else float("nan")
             rec = {"epoch": epoch, "loss": train_loss}
             if is_main:
+                if ema_state is not None:  # evaluate (and keep) the moving average of the weights
+                    eval_model.load_state_dict(model.state_dict())
+                    eval_model.load_state_dict(ema_state, strict=False)
                 if has_val:
-                    U = self._user_vectors(model, hist_fit, codes, cross, device, amp)
-                    V, b = _item_vectors(model, device)
+                    U = self._user_vectors(eval_model, hist_fit, codes, cross, device, amp)
+                    V, b = _item_vectors(eval_model, device)
                     rec.update(_val_metrics(U, V, b, hist_fit, val_truth, int(p["eval_k"])))
                     metric = rec[f"recall@{int(p['eval_k'])}"]
                 else:
                     metric = -train_loss
                 if metric > float(state["best_metric"]) or best_state is None:
                     state.update(best_metric=float(metric), best_epoch=epoch, bad_epochs=0)
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
                 else:
                     state["bad_epochs"] = int(state["bad_epochs"]) + 1
                 elapsed = time.perf_counter() - t_start
@@ -806,7 +887,7 @@ class EncoderRecommender(Recommender):
                     live.next_step()
                 if ckpt is not None:
                     ckpt.save(model, best_state, opt,
-                              {**state, "numpy_rng": rng.bit_generator.state})
+                              {**state, "numpy_rng": rng.bit_generator.state}, ema_state)
             if dist["world"] > 1:
                 flag = torch.tensor([1.0 if state["done"] else 0.0, float(state["epoch"])], device=device)
                 torch.distributed.broadcast(flag, 0)
@@ -840,29 +921,43 @@ class EncoderRecommender(Recommender):
     def _user_vectors(self, model, hist: "_Histories", codes, cross, device, amp,
                       batch_size: int = 256) -> np.ndarray:
         torch = _torch()
-        from ..features import autocast
-
         L = int(model.a["max_len"]) - 1
         was = model.training
         model.eval()
+        by_len = np.argsort(np.diff(hist.offsets), kind="stable")  # little padding per batch
+        # the fused inference fast path is slower than the regular one on CPU (padding masks)
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(device.type == "cuda" and fast)
+        try:
+            out = self._encode_sorted(model, hist, by_len, codes, cross, device, amp, batch_size, L)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
+        model.train(was)
+        U = np.zeros((len(hist), int(model.a.get("d_item") or model.a["d_model"])), np.float32)
+        if out:
+            U[by_len] = np.concatenate(out)
+        return np.concatenate([U, np.ones((len(U), 1), np.float32)], 1).astype(np.float32)
+
+    @staticmethod
+    def _encode_sorted(model, hist, by_len, codes, cross, device, amp, batch_size, L) -> list:
+        torch = _torch()
+        from ..features import autocast
+
         out = []
         with torch.no_grad():
             for s in range(0, len(hist), batch_size):
-                us = range(s, min(s + batch_size, len(hist)))
-                seqs = [tuple(x[-L:] for x in hist.get(u)) for u in us]
+                idx = by_len[s:s + batch_size]
+                seqs = [tuple(x[-L:] for x in hist.get(int(u))) for u in idx]
                 tok, gap, rat = _pad_sequences(seqs, L)
                 t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
-                idx = np.arange(us.start, us.stop)
                 with autocast(device, amp):
-                    V, _ = model.item_table()
+                    V, _ = model.item_table(side="in")
                     V_tok = torch.cat([torch.zeros_like(V[:1]), V])[t(tok)]
                     h, pad = model.encode(t(tok), t(gap), t(rat), t(codes[idx]), t(cross[idx]), V_tok,
                                           causal=bool(model.a.get("causal", False)))
                     z = model.pool(h, pad, model.a["pool"])
                 out.append(z.float().cpu().numpy())
-        model.train(was)
-        U = np.concatenate(out) if out else np.zeros((0, int(model.a["d_model"])), np.float32)
-        return np.concatenate([U, np.ones((len(U), 1), np.float32)], 1).astype(np.float32)
+        return out
 
     # ---- scoring ------------------------------------------------------
     def score_users(self, uidx: np.ndarray) -> np.ndarray:
@@ -949,6 +1044,20 @@ def _val_metrics(U: np.ndarray, V: np.ndarray, b: np.ndarray, hist_fit: _Histori
     idcg = np.cumsum(disc)[np.minimum(n_true, k) - 1]
     return {f"recall@{k}": float(np.mean(hits.sum(1) / n_true)),
             f"ndcg@{k}": float(np.mean((hits * disc).sum(1) / idcg))}
+
+
+def _lr_at(p: dict, epoch: int) -> float:
+    """Learning rate of ``epoch`` (1-based): warm-up, then constant or cosine decay."""
+    lr, warm, total = float(p["lr"]), int(p["warmup_epochs"]), max(int(p["epochs"]), 1)
+    if warm > 0 and epoch <= warm:
+        return lr * epoch / (warm + 1)
+    if p["lr_schedule"] == "cosine":
+        t = min(max(epoch - 1 - warm, 0) / max(total - 1 - warm, 1), 1.0)
+        lo = lr * float(p["lr_min_ratio"])
+        return lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * t))
+    if p["lr_schedule"] != "constant":
+        raise ValueError(f"unknown lr_schedule '{p['lr_schedule']}' (constant | cosine)")
+    return lr
 
 
 def _dist_info() -> dict[str, int]:

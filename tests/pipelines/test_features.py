@@ -161,3 +161,22 @@ def test_cell_helpers():
     assert cell_str(None) == "" and cell_str(pd.NA) == "" and cell_str(float("nan")) == ""
     assert cell_str(3) == "3"
     assert np.isnan(cell_float(pd.NA)) and cell_float("2.5") == 2.5
+
+
+def test_prepare_cpu_runtime_defaults_and_respects_user_env():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; from pipelines.features import prepare_cpu_runtime; prepare_cpu_runtime(); "
+            "print(os.environ.get('OMP_WAIT_POLICY'))")
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=root)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "ACTIVE"

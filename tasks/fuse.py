@@ -1,0 +1,166 @@
+"""fuse stage: hybrid learning-to-rank over every candidate source, with readable reasons.
+
+Training uses only the ``fit``-fold models (``<cf>/fit/<name>``, the encoder's
+``model_fit``) and ``fit``-fold interactions for candidates and features, and
+the ``val`` fold for labels; test-time recommendations use the ``full`` models
+and every training row with the same feature code (see :mod:`pipelines.fusion`).
+A source with only one of the two variants is skipped (logged).
+
+Inputs other than ``--split`` and ``--cf`` are optional: a directory that does
+not exist is skipped with a log line (its features are simply absent).
+
+Outputs (``--out``): ``recommendations.parquet`` (user_id, item_id, rank,
+score, reason, sources; every catalogue user), ``model.txt`` (LightGBM text
+model; ``model.json`` tree dump for the scikit-learn fallback) +
+``features.json``, ``feature_importance.json``, ``summary.json`` (timings,
+candidates per user, candidate recall on the validation fold, k).  ``--report``:
+``feature_importance.json`` + ``feature_importance.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines import fusion
+from pipelines.data import Split
+from pipelines.io import atomic_path, load_params
+from pipelines.recommenders import Recommender
+
+from ._cli import parser, run_main
+
+log = logging.getLogger("mmrec.fuse")
+
+MODALITIES = ("text", "image", "video")
+
+
+def load_sources(cf: str | Path, encoder: str | Path | None) -> tuple[dict, dict]:
+    """Fit / full models of every source found (fit_cf layout and the encoder's)."""
+    cf = Path(cf)
+    if not cf.is_dir():
+        raise FileNotFoundError(f"--cf {cf}: no such directory")
+    fusion.register_recommenders()
+    found = fusion.discover_sources(cf)
+    full_only = {d.name for d in (cf / "full").iterdir() if (d / "config.json").exists()} \
+        if (cf / "full").is_dir() else set()
+    for name in sorted(full_only - set(found)):
+        log.info("fuse: %s has no 'fit' variant under %s, skipped", name, cf)
+    if encoder is not None:
+        enc = Path(encoder)
+        if not enc.is_dir():
+            log.info("fuse: encoder dir %s does not exist, skipped", enc)
+        else:
+            got = fusion.discover_sources(enc)
+            if not got:
+                log.info("fuse: %s has no fit + full model pair (model_fit/ + model/ or fit/ + "
+                         "full/), encoder skipped", enc)
+            for name in got:
+                if name in found:
+                    raise ValueError(f"fuse: source name '{name}' found both in {cf} and {enc}")
+            found.update(got)
+    fit = {n: Recommender.load(f) for n, (f, _full) in found.items()}
+    full = {n: Recommender.load(full) for n, (_f, full) in found.items()}
+    return fit, full
+
+
+def load_item_features(dirs: dict[str, str | None]) -> dict[str, tuple]:
+    from pipelines.features import read_features
+
+    out = {}
+    for mod, d in dirs.items():
+        if d is None:
+            continue
+        path = Path(d)
+        if not (path / "features.parquet").exists():
+            log.info("fuse: %s features %s not found, skipped", mod, path)
+            continue
+        ids, emb, present, _table = read_features(path)
+        out[mod] = (ids, emb, present)
+    return out
+
+
+def load_profiles(d: str | Path | None) -> pd.DataFrame | None:
+    if d is None:
+        return None
+    path = Path(d) / "profiles.parquet"
+    if not path.exists():
+        log.info("fuse: profiles %s not found, skipped", path)
+        return None
+    import pyarrow.parquet as pq
+
+    cols = pq.read_schema(path).names
+    keep = [c for c in ("user_id", "segment") if c in cols]
+    if "user_id" not in keep:
+        log.info("fuse: %s has no user_id column, profiles skipped", path)
+        return None
+    return pd.read_parquet(path, columns=keep)
+
+
+def plot_importance(imp: dict, path: Path, top: int = 30) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = sorted(imp.items(), key=lambda kv: -kv[1]["gain"])[:top][::-1]
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(items) + 1)))
+    ax.barh([k for k, _ in items], [v["gain_share"] for _, v in items], color="#4C72B0")
+    ax.set_xlabel("share of total gain")
+    ax.set_title("Hybrid ranker: feature importance")
+    ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = parser("fuse", __doc__)
+    ap.add_argument("--split", required=True)
+    ap.add_argument("--cf", required=True, help="fit_cf output (fit/<model>, full/<model>)")
+    ap.add_argument("--encoder", default=None, help="train_encoder output (model_fit/, model/)")
+    ap.add_argument("--profiles", default=None, help="build_profiles output (profiles.parquet)")
+    for m in MODALITIES:
+        ap.add_argument(f"--{m}", default=None, help=f"preprocess_{m} output (features.parquet)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--report", default=None)
+    args = ap.parse_args(argv)
+
+    def body():
+        t0 = time.perf_counter()
+        params = load_params("fuse", args.params)
+        split = Split.load(args.split)
+        fit, full = load_sources(args.cf, args.encoder)
+        feats = load_item_features({m: getattr(args, m) for m in MODALITIES})
+        profiles = load_profiles(args.profiles)
+        t_load = time.perf_counter() - t0
+        res = fusion.fuse(split, fit, full, feats, profiles, params)
+        summary = res["summary"]
+        summary["seconds"]["load"] = round(t_load, 3)
+        summary["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+        summary["model_file"] = "model.txt" if res["ranker"].kind == "lightgbm" else "model.json"
+        imp = res["importances"]
+        with atomic_path(args.out, is_dir=True) as tmp:
+            res["recommendations"].to_parquet(tmp / "recommendations.parquet", index=False)
+            res["ranker"].save(tmp)
+            (tmp / "feature_importance.json").write_text(json.dumps(imp, indent=2), encoding="utf-8")
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=float),
+                                              encoding="utf-8")
+        if args.report:
+            with atomic_path(args.report, is_dir=True) as tmp:
+                (tmp / "feature_importance.json").write_text(json.dumps(imp, indent=2),
+                                                             encoding="utf-8")
+                plot_importance(imp, tmp / "feature_importance.png")
+        tr = summary["training"]
+        print(f"fuse: {len(res['recommendations'])} recommendations for {summary['n_users']} users, "
+              f"sources {summary['sources']}, candidate recall on val {tr['candidate_recall']:.3f}, "
+              f"{summary['seconds']['total']:.1f}s")
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

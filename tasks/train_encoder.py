@@ -1,0 +1,138 @@
+"""train_encoder stage: the transformer user encoder (``pipelines.recommenders.encoder``).
+
+    python -m tasks.train_encoder --split artifacts/split --text artifacts/preprocess_text \\
+        --image artifacts/preprocess_image --video artifacts/preprocess_video \\
+        --out artifacts/train_encoder --params params.yaml
+
+Trains on the split's ``fit`` fold, early-stops on Recall@K over the ``val``
+fold, then encodes every user of the catalogue from their whole training
+history (users without one from their attributes alone).  Any feature
+directory may be absent or hold no present item: that modality is skipped.
+
+Outputs in ``--out``:
+
+* ``model/``: the saved :class:`EncoderRecommender` (config.json +
+  arrays.safetensors + seen.npz): torch weights as numpy, item vectors, user
+  vectors and the unknown-user prior, so evaluation needs neither torch nor
+  features;
+* ``metrics.json``: best val recall, epochs, timings, device, resume info;
+* ``dvclive/``: training curves (train/loss, val/recall@K, val/ndcg@K per epoch);
+* ``checkpoints/last/``: the per-epoch checkpoint.  Rerunning with the same
+  params and data resumes from it (after a kill) or, once training finished,
+  only re-exports.  Under ``dvc repro`` the output directory is removed before
+  the stage runs unless it is marked ``persist``, so resuming applies to
+  direct reruns.
+
+Device: CUDA when available (bf16 autocast; ``compile: true`` for
+``torch.compile``), else CPU with deterministic algorithms.  Multi-GPU::
+
+    torchrun --standalone --nproc_per_node 4 -m tasks.train_encoder --split ... --out ...
+
+(``WORLD_SIZE > 1`` -> DistributedDataParallel + DistributedSampler; rank 0
+evaluates, checkpoints and writes outputs, the other ranks write nothing.)
+
+Params (section ``train_encoder``): every key of
+``pipelines.recommenders.encoder.DEFAULTS`` (architecture, objective,
+optimisation, device); unknown keys are an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.data import Split
+from pipelines.io import atomic_path, load_params, write_json
+from pipelines.recommenders.encoder import DEFAULTS, MODALITIES, EncoderRecommender, load_modality
+
+from ._cli import parser, run_main
+
+log = logging.getLogger("mmrec.train_encoder")
+
+
+def check_params(params: dict | None) -> dict:
+    p = dict(params or {})
+    unknown = sorted(set(p) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"train_encoder: unknown param(s) {unknown}; known: {sorted(DEFAULTS)}")
+    if p.get("objective", DEFAULTS["objective"]) not in ("holdout", "next"):
+        raise ValueError(f"train_encoder.objective: '{p['objective']}' is not holdout|next")
+    return {**DEFAULTS, **p}
+
+
+def load_features(dirs: dict[str, str | os.PathLike | None], item_ids) -> dict:
+    """{modality: (emb, present)} for the modalities whose directory has present items."""
+    out = {}
+    for m in MODALITIES:
+        got = load_modality(dirs.get(m), item_ids)
+        if got is None:
+            log.info("modality %s: absent or empty, skipped", m)
+        else:
+            out[m] = got
+            log.info("modality %s: %d/%d items present, dim %d", m, int(got[1].sum()), len(got[1]),
+                     got[0].shape[1])
+    return out
+
+
+def train(split: Split, features: dict, params: dict, workdir: str | os.PathLike | None = None,
+          live=None) -> tuple[EncoderRecommender, dict]:
+    """Fit the encoder on ``split`` (train rows with their fold). Returns (model, metrics)."""
+    p = check_params(params)
+    data = split.interactions(None)
+    model = EncoderRecommender(**p).set_side_info(features, split.users).set_run(workdir, live)
+    model.fit(data)
+    info = dict(model.train_info_)
+    metrics = {k: v for k, v in info.items() if k != "history"}
+    metrics.update(n_users=int(data.n_users), n_items=int(data.n_items),
+                   n_train=int(len(data.df)), modalities=sorted(features),
+                   n_cold_users_encoded_from_attributes=int(
+                       (np.diff(data.matrix().indptr) == 0).sum()))
+    return model, metrics
+
+
+def main(argv=None) -> int:
+    ap = parser("train_encoder", __doc__)
+    ap.add_argument("--split", required=True)
+    ap.add_argument("--text", default=None)
+    ap.add_argument("--image", default=None)
+    ap.add_argument("--video", default=None)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    def body():
+        params = load_params("train_encoder", args.params)
+        split = Split.load(args.split)
+        features = load_features({"text": args.text, "image": args.image, "video": args.video},
+                                 split.item_ids)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        main_rank = int(os.environ.get("RANK", "0")) == 0
+        live = None
+        if main_rank:
+            from dvclive import Live
+
+            resume = (out / "checkpoints" / "last" / "state.json").is_file()
+            live = Live(str(out / "dvclive"), resume=resume, save_dvc_exp=False, dvcyaml=None)
+        try:
+            model, metrics = train(split, features, params, workdir=out, live=live)
+        finally:
+            if live is not None:
+                live.end()
+        if not main_rank:
+            return 0
+        model.save(out / "model")
+        write_json(out / "metrics.json", metrics)
+        print("train_encoder: " + json.dumps({k: v for k, v in metrics.items()
+                                                if not isinstance(v, (list, dict))}))
+
+    return run_main(body)
+
+
+__all__ = ["train", "check_params", "load_features", "main", "atomic_path"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

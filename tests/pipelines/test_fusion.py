@@ -1,0 +1,550 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from pipelines import fusion as F
+from pipelines.data import Interactions, Split
+from pipelines.metrics import ndcg
+from pipelines.recommenders import ItemKNN, Popularity
+from tasks import split as split_stage
+from tests.fixtures import write_blocks_dataset
+
+FAST = {"n_estimators": 20, "num_threads": 1, "min_child_samples": 2, "k": 5,
+        "early_stopping_rounds": 10, "memory_mb": 64, "cold_user_max": 2, "n_bags": 2}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+def blocks_split(tmp_path, **split_params) -> Split:
+    d = write_blocks_dataset(tmp_path / "ds", n_users=40, n_items=30, per_user=10)
+    r = pd.read_csv(d / "ratings.csv", dtype={"user_id": str, "item_id": str})
+    items = pd.read_csv(d / "items.csv", dtype={"item_id": str})
+    users = pd.read_csv(d / "users.csv", dtype={"user_id": str})
+    res = split_stage.split(r, items, {"ratio": 0.7, "seed": 0, "val_ratio": 0.3, **split_params})
+    return Split(res["train"], res["test"], users, items, res["slices"])
+
+
+def block_features(split: Split, dim: int = 8, missing=()) -> dict:
+    """Text-like embeddings aligned with the two taste blocks (+ noise)."""
+    rng = np.random.default_rng(1)
+    ids = split.items["item_id"].astype(str).to_numpy()
+    half = len(ids) // 2
+    emb = rng.normal(0, 0.1, (len(ids), dim)).astype(np.float32)
+    num = np.array([int(i[1:]) for i in ids])
+    emb[num < half, 0] += 1.0
+    emb[num >= half, 1] += 1.0
+    present = ~np.isin(ids, list(missing))
+    emb[~present] = 0.0
+    return {"text": (ids, emb, present)}
+
+
+def fit_models(split: Split, fold: str | None):
+    data = split.interactions(fold)
+    return {"popularity": Popularity().fit(data), "itemknn": ItemKNN(neighbors=10).fit(data)}
+
+
+@pytest.fixture()
+def blocks(tmp_path):
+    return blocks_split(tmp_path)
+
+
+def builder(split, models, fold, feats=None, **params):
+    p = F.resolve_params({**FAST, **params})
+    items = F.build_item_side(split.items, split.item_ids, feats, p)
+    users = F.build_user_side(split.users, split.user_ids, p)
+    ctx = F.build_context(split.interactions(fold), items, users, p)
+    return F.FeatureBuilder(F.make_sources(models, ctx, items, users, p), ctx, items, users, p), p
+
+
+# --------------------------------------------------------------------------- item / user side
+
+def test_item_side_genres_titles_and_feature_alignment(blocks):
+    ids, emb, present = block_features(blocks, missing=("i3",))["text"]
+    # feature table in another order and without one catalogue item
+    order = np.argsort(ids)[::-1]
+    keep = order[ids[order] != "i7"]
+    side = F.build_item_side(blocks.items, blocks.item_ids, {"text": (ids[keep], emb[keep], present[keep])},
+                             F.resolve_params({}))
+    cat = list(blocks.item_ids)
+    assert set(side.genre_names) == {"Sci-Fi", "Action", "Romance", "Drama"}
+    g0 = set(side.genre_names[side.genres[cat.index("i0")].indices])
+    assert g0 == {"Sci-Fi", "Action"}
+    assert side.titles[cat.index("i4")] == "Item 4"
+    pres = side.present["text"]
+    assert not pres[cat.index("i3")] and not pres[cat.index("i7")] and pres[cat.index("i0")]
+    j = cat.index("i5")
+    np.testing.assert_allclose(side.emb["text"][j], emb[list(ids).index("i5")] /
+                               np.linalg.norm(emb[list(ids).index("i5")]), rtol=1e-5)
+    S = side.content_sim
+    assert S.diagonal().sum() == 0
+    # the nearest content neighbours of an item come from its own block
+    col = S[:, cat.index("i1")].toarray().ravel()
+    best = cat[int(np.argmax(col))]
+    assert int(best[1:]) < 15
+
+
+def test_user_side_segments_skip_id_like_and_bucket_numeric():
+    users = pd.DataFrame({"user_id": [f"u{i}" for i in range(12)],
+                          "age": [18, 19, 22, 25, 31, 35, 40, 45, 50, 55, 60, 65] ,
+                          "gender": list("MF" * 6),
+                          "zip_code": [f"{10000 + i}" for i in range(12)],
+                          "uniq": [f"x{i}" for i in range(12)]})
+    p = F.resolve_params({"segment_max_levels": 5, "segment_bins": 2})
+    side = F.build_user_side(users, users["user_id"].to_numpy(object), p)
+    assert set(side.attrs) == {"age", "gender"}  # zip_code and the id-like column skipped
+    assert len(np.unique(side.attrs["age"])) == 2
+    assert side.n_seg == 4
+    assert side.labels[0].endswith("M") and "-" in side.labels[0]
+    # no users table: one global segment
+    none = F.build_user_side(None, np.array(["a", "b"], dtype=object), p)
+    assert none.n_seg == 1 and list(none.labels) == ["all users", "all users"]
+    # a profile segment name wins for the readable label only
+    prof = pd.DataFrame({"user_id": ["u0"], "segment": ["binge watcher"]})
+    named = F.build_user_side(users, users["user_id"].to_numpy(object), p, prof)
+    assert named.labels[0] == "binge watcher" and named.labels[1] == side.labels[1]
+    with pytest.raises(ValueError, match="no column 'height'"):
+        F.build_user_side(users, users["user_id"].to_numpy(object), {**p, "segment_columns": ["height"]})
+
+
+# --------------------------------------------------------------------------- context + candidates
+
+def test_context_statistics_come_from_the_given_rows_only(blocks):
+    p = F.resolve_params({})
+    items = F.build_item_side(blocks.items, blocks.item_ids, block_features(blocks), p)
+    users = F.build_user_side(blocks.users, blocks.user_ids, p)
+    fit = blocks.interactions("fit")
+    ctx = F.build_context(fit, items, users, p)
+    counts = fit.df.groupby("uidx").size().reindex(range(fit.n_users), fill_value=0).to_numpy()
+    np.testing.assert_array_equal(ctx.user_n, counts)
+    pop = fit.df.groupby("iidx").size().reindex(range(fit.n_items), fill_value=0).to_numpy()
+    np.testing.assert_array_equal(ctx.pop, pop)
+    assert (ctx.cold == (pop == 0)).all()
+    # genre shares: even users like the Sci-Fi block only
+    g = list(items.genre_names).index("Sci-Fi")
+    u0 = fit.user_index(["u0"])[0]
+    assert ctx.genre_share[u0, g] == pytest.approx(1.0)
+    assert ctx.genre_lift[u0, g] > 1.0
+    # content vector of an even user points to the Sci-Fi block direction
+    assert ctx.user_vec["text"][u0, 0] > ctx.user_vec["text"][u0, 1]
+    # the user's last timestamp is the max over its fit rows
+    assert ctx.user_last[u0] == fit.df.loc[fit.df.uidx == u0, "timestamp"].max()
+
+
+def test_candidates_are_the_union_of_each_source_top_n_without_seen_items(blocks):
+    models = fit_models(blocks, "fit")
+    fb, p = builder(blocks, models, "fit", block_features(blocks),
+                    candidates={"default": 3, "content": 2, "segment_pop": 1, "content_knn": 0})
+    uidx = np.arange(len(blocks.user_ids))
+    fr = fb.frame(uidx)
+    names = [s.name for s in fb.sources]
+    assert names == ["itemknn", "popularity", "content_text", "cooc_item", "cooc_user", "segment_pop",
+                     "content_knn"]
+    assert fr.X.shape == (len(fr.users), len(fb.names))
+    seen = fb.ctx.X
+    assert np.asarray(seen[fr.users, fr.items]).ravel().sum() == 0
+    for u in uidx[:6]:
+        got = set(fr.items[fr.users == u])
+        expect = set()
+        for j, s in enumerate(fb.sources):
+            sc = s.score(np.array([u]))[0]
+            if s.model and fb.ctx.user_n[u] <= 2:
+                sc[:] = -np.inf
+            if s.model:
+                sc[fb.ctx.cold] = -np.inf
+            sc[seen[u].indices] = -np.inf
+            if s.n:
+                top = np.argsort(-sc, kind="stable")[:s.n]
+                expect |= {int(t) for t in top if np.isfinite(sc[t])}
+            # the bit of source j is set exactly on its own proposals
+            mine = set(fr.items[(fr.users == u) & (((fr.bits >> j) & 1) > 0)])
+            if s.n:
+                assert mine == {int(t) for t in np.argsort(-sc, kind="stable")[:s.n] if np.isfinite(sc[t])}
+            else:
+                assert mine == set()
+        assert got == expect
+    col = fb.names.index("n_sources")
+    nb = np.array([bin(int(b)).count("1") for b in fr.bits])
+    np.testing.assert_array_equal(fr.X[:, col], nb)
+    # the rank feature is 1 for each source's top proposal
+    r = fb.names.index("itemknn_rank")
+    assert (fr.X[:, r] == 1).sum() == len(uidx)
+
+
+def test_cold_items_are_proposed_by_content_sources(tmp_path):
+    split = blocks_split(tmp_path, cold_item_fraction=0.2)
+    cold = set(split.slices["cold_items"])
+    assert cold
+    models = fit_models(split, None)
+    fb, _ = builder(split, models, None, block_features(split))
+    fr = fb.frame(np.arange(len(split.user_ids)))
+    cand = set(split.item_ids[fr.items])
+    assert cold & cand  # CF models cannot, the content sources do
+    is_cold = fr.X[:, fb.names.index("is_cold_item")] == 1
+    assert set(split.item_ids[fr.items[is_cold]]) <= cold
+    j = [s.name for s in fb.sources].index("content_knn")
+    knn_prop = ((fr.bits >> j) & 1) > 0
+    assert knn_prop.any() and is_cold[knn_prop].all()  # cold-only source
+    assert np.isnan(fr.X[is_cold, fb.names.index("itemknn_rank")]).all()
+
+
+# --------------------------------------------------------------------------- leakage
+
+def manual_split() -> Split:
+    """Items i10..i14 occur ONLY in val rows, i15..i19 ONLY in test rows.
+
+    If val (test) rows leaked into training-time (test-time) features, those items
+    would have a popularity > 0: the flag ``is_cold_item`` would be perfectly predictive.
+    """
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(20):
+        for i in rng.choice(10, 5, replace=False):
+            rows.append((f"u{u}", f"i{i}", 1000 + u * 10 + int(i), "fit"))
+        rows.append((f"u{u}", f"i{10 + u % 5}", 5000 + u, "val"))
+        rows.append((f"u{u}", f"i{15 + u % 5}", 6000 + u, "test"))
+    df = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "fold"])
+    df["rating"] = 4.0
+    train = df[df.fold != "test"].reset_index(drop=True)
+    test = df[df.fold == "test"].drop(columns="fold").reset_index(drop=True)
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(20)], "title": [f"T{i}" for i in range(20)],
+                          "genres": ["A|B"] * 10 + ["C"] * 10})
+    users = pd.DataFrame({"user_id": [f"u{u}" for u in range(20)], "gender": list("MF" * 10)})
+    return Split(train, test, users, items, {"cold_users": [], "cold_items": []})
+
+
+def manual_features(split):
+    ids = split.items["item_id"].astype(str).to_numpy()
+    rng = np.random.default_rng(2)
+    return {"text": (ids, rng.normal(size=(len(ids), 6)).astype(np.float32), np.ones(len(ids), bool))}
+
+
+def test_val_labels_never_reach_training_features():
+    split = manual_split()
+    models = fit_models(split, "fit")
+    fb, p = builder(split, models, "fit", manual_features(split),
+                    candidates={"default": 20, "content": 20, "content_knn": 20})
+    ts = F.build_training_set(fb, split.val(), p)
+    pos = ts["y"] > 0
+    assert pos.sum() == 20  # every val item is a candidate (the content sources propose cold items)
+    names = fb.names
+    # val-only items look cold: no popularity, no co-occurrence, no rating: nothing from val rows
+    assert (ts["X"][pos, names.index("is_cold_item")] == 1).all()
+    assert np.isnan(ts["X"][pos, names.index("popularity_rank")]).all()
+    assert np.isnan(ts["X"][pos, names.index("item_rating")]).all()
+    assert (np.nan_to_num(ts["X"][pos, names.index("knn_sum")]) == 0).all()
+    # user activity = fit rows only (5 each, equal for everybody -> relative activity 0)
+    np.testing.assert_allclose(ts["X"][:, names.index("user_activity")], np.log(5.5 / 5.0), rtol=1e-5)
+    # positive control: a context that (wrongly) includes val rows makes the leak visible
+    leaky, _ = builder(split, models, None, manual_features(split),
+                       candidates={"default": 20, "content": 20, "content_knn": 20})
+    assert not leaky.ctx.cold[split.interactions().item_index(["i10"])[0]]
+
+
+def test_training_features_do_not_depend_on_val_rows(blocks):
+    models = fit_models(blocks, "fit")
+    fb, p = builder(blocks, models, "fit", block_features(blocks))
+    val = blocks.val()
+    a = F.build_training_set(fb, val, p)
+    # same users, val items moved to other unseen items: only the labels may change
+    rng = np.random.default_rng(3)
+    val2 = val.copy()
+    fit_pairs = set(zip(blocks.train.user_id, blocks.train.item_id))
+    new = []
+    for u in val2.user_id:
+        choices = [i for i in blocks.item_ids if (u, i) not in fit_pairs]
+        new.append(str(rng.choice(choices)))
+    val2["item_id"] = new
+    b = F.build_training_set(fb, val2, p)
+    np.testing.assert_array_equal(a["users"], b["users"])
+    np.testing.assert_array_equal(a["items"], b["items"])
+    np.testing.assert_array_equal(a["X"], b["X"])
+    assert not np.array_equal(a["y"], b["y"])
+
+
+def test_test_rows_never_reach_test_time_features():
+    split = manual_split()
+    fit, full = fit_models(split, "fit"), fit_models(split, None)
+    feats = manual_features(split)
+    p = {**FAST, "candidates": {"default": 20, "content": 20, "content_knn": 20}, "k": 20}
+    out = F.fuse(split, fit, full, feats, None, p)
+    # test-only items are cold at test time (never counted by popularity / co-occurrence)
+    fb, _ = builder(split, full, None, feats, **p)
+    fr = fb.frame(np.arange(20))
+    test_items = set(split.interactions().item_index([f"i{15 + k}" for k in range(5)]))
+    sel = np.isin(fr.items, list(test_items))
+    assert sel.any() and (fr.X[sel, fb.names.index("is_cold_item")] == 1).all()
+    # changing the test rows changes nothing in the output
+    other = Split(split.train, split.test.assign(item_id="i0"), split.users, split.items, split.slices)
+    out2 = F.fuse(other, fit, full, feats, None, p)
+    pd.testing.assert_frame_equal(out["recommendations"], out2["recommendations"])
+    # and every recommendation is unseen in training
+    seen = set(zip(split.train.user_id, split.train.item_id))
+    recs = out["recommendations"]
+    assert not seen & set(zip(recs.user_id, recs.item_id))
+
+
+def test_fit_models_trained_on_val_rows_are_refused(blocks):
+    leaky = fit_models(blocks, None)  # fitted on fit + val
+    with pytest.raises(ValueError, match="leakage"):
+        F.check_no_leak(leaky, blocks.val())
+    F.check_no_leak(fit_models(blocks, "fit"), blocks.val())
+    with pytest.raises(ValueError, match="leakage"):
+        F.fuse(blocks, leaky, fit_models(blocks, None), None, None, FAST)
+
+
+# --------------------------------------------------------------------------- ranker
+
+def ranking_data(seed=0, n_groups=60, size=15):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_groups * size, 4)).astype(np.float32)
+    X[rng.random(X.shape) < 0.05] = np.nan
+    y = ((np.nan_to_num(X[:, 0]) + 0.5 * np.nan_to_num(X[:, 1]) + rng.normal(0, 0.3, len(X))) > 1.0)
+    groups = np.repeat(np.arange(n_groups), size)
+    return X, y.astype(np.float32), groups
+
+
+@pytest.mark.parametrize("kind", ["lightgbm", "sklearn"])
+def test_ranker_learns_saves_and_reloads(tmp_path, kind):
+    X, y, g = ranking_data()
+    ev = g >= 45
+    p = F.resolve_params({**FAST, "ranker": kind, "n_estimators": 30})
+    r = F.Ranker.train(X[~ev], y[~ev], g[~ev], X[ev], y[ev], g[ev], ["a", "b", "c", "d"], p)
+    assert r.kind == kind
+    s = r.predict(X[ev])
+    nt = np.bincount(g[ev] - 45, weights=y[ev]).astype(int)
+    learned = F.group_ndcg(g[ev], s, y[ev], nt, 5)
+    rand = F.group_ndcg(g[ev], -X[ev, 3], y[ev], nt, 5)
+    assert learned > rand + 0.2
+    r.save(tmp_path)
+    assert (tmp_path / ("model.txt" if kind == "lightgbm" else "model.json")).exists()
+    meta = json.loads((tmp_path / "features.json").read_text())
+    assert meta["features"] == ["a", "b", "c", "d"] and meta["kind"] == kind
+    back = F.Ranker.load(tmp_path)
+    np.testing.assert_allclose(back.predict(X), r.predict(X), rtol=1e-6, atol=1e-9)
+    imp = r.importances()
+    assert set(imp) == {"a", "b", "c", "d"}
+    assert max(imp, key=lambda f: imp[f]["gain"]) == "a"
+    # deterministic
+    r2 = F.Ranker.train(X[~ev], y[~ev], g[~ev], X[ev], y[ev], g[ev], ["a", "b", "c", "d"], p)
+    np.testing.assert_array_equal(r2.predict(X), r.predict(X))
+    with pytest.raises(ValueError, match="expects 4 features"):
+        r.predict(X[:, :3])
+
+
+def test_sklearn_tree_export_matches_the_model():
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    X, y, _ = ranking_data(1)
+    m = HistGradientBoostingClassifier(max_iter=15, max_leaf_nodes=8, random_state=0).fit(X, y)
+    np.testing.assert_allclose(F.predict_trees(F.export_hgb(m), X), m.decision_function(X),
+                               rtol=1e-6, atol=1e-8)
+
+
+def test_lightgbm_missing_falls_back_to_sklearn(monkeypatch):
+    def boom():
+        raise ImportError("no lightgbm")
+
+    monkeypatch.setattr(F, "_lightgbm", boom)
+    assert F.ranker_kind(F.resolve_params({"ranker": "auto"})) == "sklearn"
+    with pytest.raises(ImportError):
+        F.ranker_kind(F.resolve_params({"ranker": "lightgbm"}))
+    with pytest.raises(ValueError, match="ranker"):
+        F.resolve_params({"ranker": "xgboost"})
+
+
+def test_group_ndcg_matches_the_metrics_module():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(5), 8)
+    scores = rng.random(40)
+    labels = (rng.random(40) < 0.3).astype(float)
+    n_truth = np.bincount(groups, weights=labels).astype(int) + 1  # one relevant item not a candidate
+    reco, truth = [], []
+    for gi in range(5):
+        sel = np.nonzero(groups == gi)[0]
+        order = sel[np.argsort(-scores[sel])]
+        reco.append(order[:5])
+        truth.append(set(sel[labels[sel] > 0]) | {1000 + gi})
+    expect = ndcg(np.array(reco), truth, 5)
+    assert F.group_ndcg(groups, scores, labels, n_truth, 5) == pytest.approx(expect.mean())
+
+
+# --------------------------------------------------------------------------- helpers + reasons
+
+def test_csr_lookup_and_expand():
+    S = sp.csr_matrix(np.array([[0, 2, 0], [1, 0, 3], [0, 0, 0]], np.float32))
+    v = F._csr_lookup(S, np.array([0, 1, 1, 2, 0]), np.array([1, 0, 2, 2, 0]))
+    np.testing.assert_array_equal(v, [2, 1, 3, 0, 0])
+    pair, cols, counts = F._expand(S.indptr, S.indices, np.array([1, 2, 0]))
+    np.testing.assert_array_equal(pair, [0, 0, 2])
+    np.testing.assert_array_equal(cols, [0, 2, 1])
+    np.testing.assert_array_equal(counts, [2, 0, 1])
+
+
+def test_reasons_are_readable_and_follow_the_evidence():
+    ids = [f"i{i}" for i in range(6)]
+    rows = [("a", "i0"), ("a", "i1"), ("b", "i0"), ("b", "i1"), ("c", "i0"), ("c", "i1"),
+            ("c", "i2"), ("d", "i3"), ("d", "i4")]
+    df = pd.DataFrame(rows, columns=["user_id", "item_id"])
+    df["timestamp"] = np.arange(len(df))
+    inter = Interactions.build(df, np.array(["a", "b", "c", "d", "new"], dtype=object),
+                               np.array(ids, dtype=object))
+    items = pd.DataFrame({"item_id": ids, "title": [f"Film {i}" for i in range(6)],
+                          "genres": ["Sci-Fi", "Sci-Fi", "Sci-Fi", "Drama", "Drama", "Sci-Fi"]})
+    emb = np.eye(6, 4, dtype=np.float32)
+    emb[5] = [0.9, 0.1, 0, 0]  # cold item i5 looks like i0
+    p = F.resolve_params({"reason_min_sim": 0.05})
+    side = F.build_item_side(items, np.array(ids, dtype=object),
+                             {"text": (np.array(ids, dtype=object), emb, np.ones(6, bool))}, p)
+    users = pd.DataFrame({"user_id": ["a", "b", "c", "d", "new"], "gender": list("MFMFM")})
+    us = F.build_user_side(users, inter.user_ids, p)
+    ctx = F.build_context(inter, side, us, p)
+    ex = F.Explainer(ctx, side, us, p)
+    U = lambda x: inter.user_index([x])[0]  # noqa: E731
+    I = lambda x: inter.item_index([x])[0]  # noqa: E731
+    got = ex.reasons(np.array([U("a"), U("a"), U("new"), U("d")]),
+                     np.array([I("i2"), I("i5"), I("i0"), I("i2")]))
+    assert got[0] in ("because you liked Film 0", "because you liked Film 1")
+    assert got[1] == "new item similar to Film 0"
+    assert got[2] == "popular with users like you (M)"
+    assert got[3].startswith("popular with users like you") or got[3].startswith("matches your")
+
+
+def test_planted_structure_end_to_end(blocks):
+    fit, full = fit_models(blocks, "fit"), fit_models(blocks, None)
+    out = F.fuse(blocks, fit, full, block_features(blocks), None, {**FAST, "k": 5})
+    recs = out["recommendations"]
+    assert list(recs.columns) == ["user_id", "item_id", "rank", "score", "reason", "sources"]
+    assert set(recs.user_id) == set(blocks.user_ids)
+    assert recs.groupby("user_id")["rank"].apply(lambda r: list(r) == list(range(1, len(r) + 1))).all()
+    assert (recs.groupby("user_id").size() <= 5).all()
+    # recommendations respect the planted taste blocks
+    same = [(int(u[1:]) % 2 == 0) == (int(i[1:]) < 15) for u, i in zip(recs.user_id, recs.item_id)]
+    assert np.mean(same) > 0.9
+    assert recs.reason.str.len().gt(0).all() and recs.sources.str.len().gt(0).all()
+    s = out["summary"]
+    assert 0 < s["training"]["candidate_recall"] <= 1
+    assert s["k"] == 5 and s["ranker"] == "lightgbm"
+    assert set(s["training"]["candidate_recall_by_source"]) == set(s["sources"])
+    # sklearn fallback through the same stage logic
+    out2 = F.fuse(blocks, fit, full, block_features(blocks), None, {**FAST, "k": 5, "ranker": "sklearn"})
+    assert out2["summary"]["ranker"] == "sklearn" and len(out2["recommendations"]) == len(recs)
+
+
+def test_fuse_without_content_or_user_attributes(blocks):
+    bare = Split(blocks.train, blocks.test, blocks.users[["user_id"]], blocks.items[["item_id"]],
+                 blocks.slices)
+    out = F.fuse(bare, fit_models(bare, "fit"), fit_models(bare, None), None, None, FAST)
+    s = out["summary"]
+    assert s["modalities"] == [] and s["segment_attributes"] == []
+    assert "content_knn" not in s["sources"]
+    assert len(out["recommendations"]) == 5 * len(bare.user_ids)
+
+
+def test_fit_and_full_sources_must_match(blocks):
+    fit, full = fit_models(blocks, "fit"), fit_models(blocks, None)
+    full.pop("itemknn")
+    with pytest.raises(ValueError, match="differ"):
+        F.fuse(blocks, fit, full, None, None, FAST)
+
+
+def test_cold_item_slots_force_cold_items_into_the_top_k():
+    items = np.arange(6)
+    cold = np.array([False, False, False, False, True, True])
+    order = F._apply_cold_slots(items, np.array([6, 5, 4, 3, 2, 1.0]), cold, 3, 1)
+    assert list(order) == [0, 1, 4]
+    assert list(F._apply_cold_slots(items, np.array([6, 5, 4, 3, 2, 1.0]), cold, 3, 0)) == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------- built-in sources
+
+def test_cooc_sources_match_brute_force(blocks):
+    fb, _ = builder(blocks, fit_models(blocks, "fit"), "fit", block_features(blocks))
+    src = {s.name: s for s in fb.sources}
+    ctx = fb.ctx
+    u = np.arange(6)
+    expect = (ctx.X[u] @ ctx.S).toarray()
+    expect[:, ctx.cold] = -np.inf
+    np.testing.assert_allclose(src["cooc_item"].score(u), expect, rtol=1e-5)
+    # user kNN: cosine between users, top-k neighbours, weighted sum of their items
+    X = ctx.X.toarray()
+    norm = np.sqrt(X.sum(1))
+    sims = (X @ X.T) / np.maximum(norm[:, None] * norm[None, :], 1e-12)
+    np.fill_diagonal(sims, 0)
+    k = 50
+    for uu in u:
+        top = np.argsort(-sims[uu])[:k]
+        want = (sims[uu, top][:, None] * X[top]).sum(0)
+        want[ctx.cold] = -np.inf
+        np.testing.assert_allclose(src["cooc_user"].score(np.array([uu]))[0], want, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- cold-start simulation
+
+def test_training_world_moves_rows_into_labels_without_leaking_model_knowledge(tmp_path):
+    split = blocks_split(tmp_path, cold_item_fraction=0.1, cold_user_fraction=0.2, cold_user_max=2)
+    p = F.resolve_params({**FAST, "cold_item_simulation": 0.2, "cold_user_simulation": 0.3})
+    w = F.training_world(split, p)
+    st = w["stats"]
+    assert st["cold_items"] > 0 and st["cold_users"] > 0
+    fit = split.train[split.train.fold == "fit"]
+    ctx_pairs = set(zip(w["context"].df.user_id, w["context"].df.item_id))
+    label_pairs = set(zip(w["labels"].user_id, w["labels"].item_id))
+    fit_pairs = set(zip(fit.user_id, fit.item_id))
+    val_pairs = set(zip(split.val().user_id, split.val().item_id))
+    assert not ctx_pairs & label_pairs  # a moved row is a label, never context
+    assert ctx_pairs | label_pairs == fit_pairs | val_pairs  # nothing lost, nothing added
+    assert ctx_pairs <= fit_pairs and val_pairs <= label_pairs
+    # deterministic
+    w2 = F.training_world(split, p)
+    pd.testing.assert_frame_equal(w["labels"], w2["labels"])
+    # the fit models saw the moved rows: their features are never used on those pairs
+    items = F.build_item_side(split.items, split.item_ids, block_features(split), p)
+    users = F.build_user_side(split.users, split.user_ids, p)
+    ctx = F.build_context(w["context"], items, users, p)
+    fb = F.FeatureBuilder(F.make_sources(fit_models(split, "fit"), ctx, items, users, p), ctx, items,
+                          users, p)
+    ts = F.build_training_set(fb, w["labels"], p)
+    moved = label_pairs - val_pairs
+    uid, iid = split.user_ids[ts["users"]], split.item_ids[ts["items"]]
+    is_moved = np.array([(a, b) in moved for a, b in zip(uid, iid)])
+    assert is_moved.any() and ts["y"][is_moved].min() == 1
+    model_cols = [j for j, n in enumerate(fb.names) if n.split("_")[0] in ("itemknn", "popularity")]
+    assert np.isnan(ts["X"][np.ix_(is_moved, model_cols)]).all()
+    # simulated cold users keep 1..cold_user_max context rows
+    n_ctx = w["context"].df.groupby("user_id").size()
+    sim_users = list(w["sim_users"])
+    assert len(sim_users) == st["cold_users"]
+    assert n_ctx.reindex(sim_users).between(1, 2).all()
+    assert not set(w["context"].df.item_id) & set(w["sim_items"])  # simulated cold items
+    assert ctx.cold[split.interactions().item_index(w["sim_items"])].all()
+
+
+def test_merged_bags_predict_the_mean():
+    lgb = pytest.importorskip("lightgbm")
+    X, y, g = ranking_data(2)
+    boosters = []
+    for seed in range(3):
+        m = lgb.LGBMRanker(objective="rank_xendcg", n_estimators=8, num_leaves=4, min_child_samples=5,
+                           subsample=0.7, subsample_freq=1, random_state=seed, verbose=-1, n_jobs=1)
+        m.fit(X, y, group=F._group_sizes(g))
+        boosters.append(m.booster_)
+    merged = lgb.Booster(model_str=F.merge_lgb_models([b.model_to_string() for b in boosters]))
+    assert merged.num_trees() == sum(b.num_trees() for b in boosters)
+    np.testing.assert_allclose(merged.predict(X), np.mean([b.predict(X) for b in boosters], axis=0),
+                               atol=1e-12)
+
+
+def test_reasons_are_chunked_without_changing_them(blocks):
+    p = F.resolve_params(FAST)
+    items = F.build_item_side(blocks.items, blocks.item_ids, block_features(blocks), p)
+    users = F.build_user_side(blocks.users, blocks.user_ids, p)
+    ctx = F.build_context(blocks.interactions(), items, users, p)
+    ex = F.Explainer(ctx, items, users, p)
+    rng = np.random.default_rng(0)
+    u = np.sort(rng.integers(0, len(blocks.user_ids), 200))
+    i = rng.integers(0, len(blocks.item_ids), 200)
+    assert ex.reasons(u, i, budget=7) == ex.reasons(u, i)
+    assert len(ex.reasons(u[:0], i[:0])) == 0

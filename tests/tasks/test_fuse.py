@@ -1,0 +1,182 @@
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipelines import fusion
+from pipelines.features import build_table, write_features
+from tasks import evaluate as ev
+from tasks import fit_cf, fuse
+from tasks import split as split_stage
+from tests.fixtures import write_blocks_dataset
+
+FUSE = {"k": 5, "n_estimators": 20, "num_threads": 1, "min_child_samples": 2,
+        "early_stopping_rounds": 10, "memory_mb": 64, "cold_user_max": 2, "n_bags": 2}
+
+
+@pytest.fixture()
+def workdir(tmp_path):
+    """split/ + fit_cf/ + a text feature dir + params.yaml, built through the real stages."""
+    d = write_blocks_dataset(tmp_path / "ds", n_users=40, n_items=30, per_user=10)
+    ratings = pd.read_csv(d / "ratings.csv", dtype={"user_id": str, "item_id": str})
+    items = pd.read_csv(d / "items.csv", dtype={"item_id": str})
+    users = pd.read_csv(d / "users.csv", dtype={"user_id": str})
+    res = split_stage.split(ratings, items, {"ratio": 0.7, "seed": 0, "val_ratio": 0.3,
+                                             "cold_item_fraction": 0.1})
+    sdir = tmp_path / "split"
+    sdir.mkdir()
+    res["train"].to_parquet(sdir / "train.parquet")
+    res["test"].to_parquet(sdir / "test.parquet")
+    items.to_parquet(sdir / "items.parquet")
+    users.to_parquet(sdir / "users.parquet")
+    (sdir / "slices.json").write_text(json.dumps(res["slices"]))
+    params = {"fit_cf": {"folds": ["fit", "full"],
+                         "models": {"popularity": {}, "itemknn": {"neighbors": 10}}},
+              "evaluate": {"ks": [5], "curve_ks": [5]},
+              "fuse": FUSE}
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params))
+    assert fit_cf.main(["--split", str(sdir), "--out", str(tmp_path / "cf"), "--params", str(pfile)]) == 0
+    # text features: block direction + noise; one item missing
+    rng = np.random.default_rng(0)
+    ids = items["item_id"].astype(str).to_numpy()
+    emb = rng.normal(0, 0.1, (len(ids), 8)).astype(np.float32)
+    emb[np.array([int(i[1:]) < 15 for i in ids]), 0] += 1
+    present = ids != "i2"
+    table = build_table(ids, emb, present, [None if p else "no_text" for p in present],
+                        ["h"] * len(ids), "test-model")
+    write_features(tmp_path / "text", table, {"dim": 8, "model_id": "test-model"})
+    return tmp_path
+
+
+def run_fuse(w, *extra, out="fuse", report="report"):
+    return fuse.main(["--split", str(w / "split"), "--cf", str(w / "cf"), "--text", str(w / "text"),
+                      "--image", str(w / "no_image"), "--encoder", str(w / "no_encoder"),
+                      "--profiles", str(w / "no_profiles"), "--out", str(w / out),
+                      "--report", str(w / report), "--params", str(w / "params.yaml"), *extra])
+
+
+def test_cli_writes_recommendations_model_and_reports(workdir, caplog):
+    caplog.set_level(logging.INFO)
+    assert run_fuse(workdir) == 0
+    out = workdir / "fuse"
+    recs = pd.read_parquet(out / "recommendations.parquet")
+    assert list(recs.columns) == ["user_id", "item_id", "rank", "score", "reason", "sources"]
+    users = pd.read_parquet(workdir / "split" / "users.parquet")
+    assert set(recs.user_id) == set(users.user_id)
+    assert recs.groupby("user_id")["rank"].max().le(5).all()
+    assert recs.groupby("user_id")["score"].apply(lambda s: s.is_monotonic_decreasing).all()
+    train = pd.read_parquet(workdir / "split" / "train.parquet")
+    assert not set(zip(train.user_id, train.item_id)) & set(zip(recs.user_id, recs.item_id))
+    assert recs.reason.str.match(r"^(because you liked|matches your interest in|popular with users "
+                                 r"like you|new item)").all()
+    # model: LightGBM text file + feature list, reloadable
+    assert (out / "model.txt").read_text().startswith("tree")
+    feats = json.loads((out / "features.json").read_text())
+    ranker = fusion.Ranker.load(out)
+    assert ranker.features == feats["features"] and ranker.kind == "lightgbm"
+    imp = json.loads((out / "feature_importance.json").read_text())
+    assert set(imp) == set(feats["features"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["k"] == 5 and summary["modalities"] == ["text"]
+    assert 0 < summary["training"]["candidate_recall"] <= 1
+    assert summary["test"]["candidates_per_user"]["mean"] > 5
+    assert {"load", "total", "train_ranker", "recommend"} <= set(summary["seconds"])
+    assert (workdir / "report" / "feature_importance.png").stat().st_size > 1000
+    assert json.loads((workdir / "report" / "feature_importance.json").read_text()) == imp
+    # missing optional inputs are skipped with a log line
+    text = caplog.text
+    assert "no_image" in text and "no_encoder" in text and "no_profiles" in text
+    # the evaluate stage reads the table
+    res = ev.main(["--split", str(workdir / "split"), "--models", str(workdir / "cf"),
+                   "--recs", f"hybrid={out / 'recommendations.parquet'}",
+                   "--out", str(workdir / "eval"), "--params", str(workdir / "params.yaml")])
+    assert res == 0
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    assert metrics["hybrid"]["all"]["ndcg@5"] > metrics["popularity"]["all"]["ndcg@5"]
+
+
+def test_cli_is_deterministic(workdir):
+    assert run_fuse(workdir, out="a", report="ra") == 0
+    assert run_fuse(workdir, out="b", report="rb") == 0
+    a = pd.read_parquet(workdir / "a" / "recommendations.parquet")
+    b = pd.read_parquet(workdir / "b" / "recommendations.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    assert (workdir / "a" / "model.txt").read_text() == (workdir / "b" / "model.txt").read_text()
+
+
+def test_encoder_and_profiles_are_used_when_present(workdir):
+    from pipelines.data import Split
+    from pipelines.recommenders import ItemKNN
+
+    split = Split.load(workdir / "split")
+    enc = workdir / "enc"
+    # any Recommender stands in for the sequence encoder: model_fit/ + model/
+    ItemKNN(neighbors=5).fit(split.interactions("fit")).save(enc / "model_fit")
+    ItemKNN(neighbors=5).fit(split.interactions()).save(enc / "model")
+    prof = workdir / "prof"
+    prof.mkdir()
+    pd.DataFrame({"user_id": split.users.user_id, "segment": "night owls",
+                  "n_interactions": 3}).to_parquet(prof / "profiles.parquet")
+    with pytest.raises(ValueError, match="both in"):  # same name as the cf itemknn
+        fuse.load_sources(workdir / "cf", enc)
+    rc = fuse.main(["--split", str(workdir / "split"), "--cf", str(workdir / "cf"), "--encoder", str(enc),
+                    "--profiles", str(prof), "--out", str(workdir / "out"), "--params",
+                    str(workdir / "params.yaml")])
+    assert rc == 1  # readable failure, no artifact
+    assert not (workdir / "out").exists()
+    # a genuinely different name is added as a source
+    pop_fit = workdir / "cf" / "fit" / "popularity"
+    enc2 = workdir / "enc2"
+    import shutil
+
+    shutil.copytree(enc / "model_fit", enc2 / "model_fit")
+    shutil.copytree(enc / "model", enc2 / "model")
+    shutil.rmtree(workdir / "cf" / "fit" / "itemknn")  # itemknn now only from the encoder dir
+    fit, full = fuse.load_sources(workdir / "cf", enc2)
+    assert set(fit) == {"popularity", "itemknn"} and pop_fit.exists()
+    rc = fuse.main(["--split", str(workdir / "split"), "--cf", str(workdir / "cf"), "--encoder", str(enc2),
+                    "--profiles", str(prof), "--out", str(workdir / "out"), "--params",
+                    str(workdir / "params.yaml")])
+    assert rc == 0
+    recs = pd.read_parquet(workdir / "out" / "recommendations.parquet")
+    seg = recs[recs.reason.str.startswith("popular with users like you")]
+    assert seg.empty or seg.reason.str.contains("night owls").all()
+
+
+def test_encoder_without_fit_variant_is_skipped(workdir, caplog):
+    from pipelines.data import Split
+    from pipelines.recommenders import Popularity
+
+    caplog.set_level(logging.INFO)
+    split = Split.load(workdir / "split")
+    Popularity().fit(split.interactions()).save(workdir / "enc" / "model")
+    fit, full = fuse.load_sources(workdir / "cf", workdir / "enc")
+    assert set(fit) == set(full) == {"popularity", "itemknn"}
+    assert "no fit + full model pair" in caplog.text
+
+
+def test_failed_run_keeps_the_previous_artifact(workdir):
+    assert run_fuse(workdir) == 0
+    before = (workdir / "fuse" / "recommendations.parquet").read_bytes()
+    bad = yaml.safe_load((workdir / "params.yaml").read_text())
+    bad["fuse"]["ranker"] = "nope"
+    (workdir / "params.yaml").write_text(yaml.safe_dump(bad))
+    assert run_fuse(workdir) == 1
+    assert (workdir / "fuse" / "recommendations.parquet").read_bytes() == before
+    assert fuse.main(["--split", str(workdir / "split"), "--cf", str(workdir / "missing"),
+                      "--out", str(workdir / "fuse"), "--params", str(workdir / "params.yaml")]) == 1
+
+
+def test_sklearn_ranker_through_the_cli(workdir):
+    p = yaml.safe_load((workdir / "params.yaml").read_text())
+    p["fuse"]["ranker"] = "sklearn"
+    (workdir / "params.yaml").write_text(yaml.safe_dump(p))
+    assert run_fuse(workdir) == 0
+    out = workdir / "fuse"
+    assert (out / "model.json").exists() and not (out / "model.txt").exists()
+    assert json.loads((out / "summary.json").read_text())["model_file"] == "model.json"
+    assert fusion.Ranker.load(out).kind == "sklearn"
