@@ -65,6 +65,9 @@ def make_repo(dest: Path, data_dir: Path, params: dict | None = None) -> Path:
     run(["git", "config", "user.name", "t"], dest)
     run([sys.executable, "-m", "dvc", "init", "-q"], dest)
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
+    # a first commit, as in a real clone (dvclive and DVC experiments need a non-empty git repo)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-q", "-m", "initial"], dest)
     return dest
 
 

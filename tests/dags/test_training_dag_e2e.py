@@ -131,6 +131,10 @@ def world(tmp_path_factory):
     mig = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=_env(home, repo),
                          cwd=base, capture_output=True, text=True)
     assert mig.returncode == 0, mig.stdout[-2000:] + mig.stderr[-2000:]
+    # the training DAG routes train_encoder to the `gpu` pool (as `make airflow` / compose create it)
+    pool = subprocess.run([sys.executable, "-m", "airflow", "pools", "set", "gpu", "1", "GPU stages"],
+                          env=_env(home, repo), cwd=base, capture_output=True, text=True)
+    assert pool.returncode == 0, pool.stdout[-2000:] + pool.stderr[-2000:]
     runner = DagRunner(home, repo)
     yield {"repo": repo, "data": data, "runner": runner}
     runner.close()
