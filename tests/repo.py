@@ -19,7 +19,8 @@ COPY = ("pipelines", "tasks", "dags", "params.yaml", "dvc.yaml", ".dvcignore")
 TINY_PARAMS: dict = {
     "validate": {"min_ratings": 5},
     "train_encoder": {"epochs": 2, "d_model": 32, "n_layers": 1, "n_heads": 2, "batch_size": 32},
-    "fuse": {"n_estimators": 20},
+    "split": {"val_ratio": 0.3},
+    "fuse": {"n_estimators": 20, "min_child_samples": 2},
 }
 
 
