@@ -84,12 +84,13 @@ log = logging.getLogger("mmrec.fusion")
 DEFAULTS: dict = {
     "k": 50,  # recommendations written per user
     # candidates per source; keys: a model name, 'content' (every content_<m>) or 'content_<m>',
-    # 'segment_pop', 'content_knn'; 'default' for the rest. 0 = feature only, proposes nothing.
+    # 'cooc_item', 'cooc_user', 'segment_pop', 'content_knn'; 'default' for the rest.
+    # 0 = feature only, proposes nothing.
     "candidates": {"default": 100, "segment_pop": 50, "content": 50, "content_knn": 20,
                    "cooc_item": 50, "cooc_user": 50},
     "sources": None,  # restrict to these source names (null = every source found)
-    "rank_depth": 200,
-    "raw_scores": False,  # also give each source's raw score (its scale differs fit vs full)  # ranks computed down to this depth; deeper items get rank_depth + 1
+    "rank_depth": 200,  # ranks computed down to this depth; deeper items get rank_depth + 1
+    "raw_scores": False,  # also give each source's raw score (its scale differs fit vs full)
     "cold_user_max": 5,  # users with at most this many interactions: cold (no model features)
     "user_neighbors": 50,  # cooc_user source: neighbours per user
     # training-time cold-start simulation (no leakage: moved fit rows become labels and the
@@ -140,7 +141,6 @@ DEFAULTS: dict = {
     "cold_item_slots": 0,  # reserve the last N of the top-k for the best-ranked cold items
 }
 
-BIG = np.float32(np.inf)
 
 
 # =========================================================================== params

@@ -336,9 +336,11 @@ def test_ranker_learns_saves_and_reloads(tmp_path, kind):
 
 def test_sklearn_tree_export_matches_the_model():
     from sklearn.ensemble import HistGradientBoostingClassifier
+    from threadpoolctl import threadpool_limits
 
     X, y, _ = ranking_data(1)
-    m = HistGradientBoostingClassifier(max_iter=15, max_leaf_nodes=8, random_state=0).fit(X, y)
+    with threadpool_limits(1, user_api="openmp"):
+        m = HistGradientBoostingClassifier(max_iter=15, max_leaf_nodes=8, random_state=0).fit(X, y)
     np.testing.assert_allclose(F.predict_trees(F.export_hgb(m), X), m.decision_function(X),
                                rtol=1e-6, atol=1e-8)
 
