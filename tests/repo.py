@@ -67,7 +67,8 @@ def make_repo(dest: Path, data_dir: Path, params: dict | None = None) -> Path:
     run([sys.executable, "-m", "dvc", "init", "-q"], dest)
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
     # a first commit, as in a real clone (dvclive and DVC experiments need a non-empty git repo)
-    run(["git", "add", "-A"], dest)
+    # project files only: the dataset is versioned by DVC (`dvc add`), never by git
+    run(["git", "add", "--", *[n for n in COPY + (".dvc",) if (dest / n).exists()]], dest)
     run(["git", "commit", "-q", "-m", "initial"], dest)
     return dest
 
