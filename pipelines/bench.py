@@ -6,7 +6,9 @@ Each protocol runs every stage of the graph (same commands as ``dvc.yaml``)
 in its own work directory under ``--workdir`` with ``params.yaml`` plus the
 protocol's overrides, timing each stage (wall seconds) and recording its peak
 RSS.  Writes ``{protocol: {model: {slice: {metric: value}}}, "seconds":
-{stage: s}, "peak_rss_mb": {...}}`` and prints a table.
+{stage: wall seconds, summed over the protocols}, "seconds_by_protocol":
+{protocol: {stage: s}}, "peak_rss_mb": {protocol: {stage: MiB}}}`` and prints
+a table.
 """
 
 from __future__ import annotations
@@ -81,10 +83,13 @@ def run_protocol(data: Path, name: str, overrides: dict, workdir: Path,
     return {"metrics": metrics, "seconds": seconds, "peak_rss_mb": rss}
 
 
+META_KEYS = ("seconds", "seconds_by_protocol", "peak_rss_mb", "machine")
+
+
 def table(result: dict, metrics=("ndcg@10", "precision@10", "recall@10", "map@10")) -> str:
     lines = []
     for proto, models in result.items():
-        if proto in ("seconds", "peak_rss_mb", "machine"):
+        if proto in META_KEYS:
             continue
         slices = ["all", "cold_users", "cold_items"]
         lines.append(f"\n### {proto}\n")
@@ -97,11 +102,13 @@ def table(result: dict, metrics=("ndcg@10", "precision@10", "recall@10", "map@10
                     continue
                 lines.append(f"| {model} | {sl} | {int(r['n_users'])} | " +
                              " | ".join(f"{r.get(m, float('nan')):.4f}" for m in metrics) + " |")
-    lines.append("\n| stage | " + " | ".join(f"{p} s" for p in result["seconds"]) + " |")
-    lines.append("|---|" + "---:|" * len(result["seconds"]))
-    stages = list(next(iter(result["seconds"].values())))
-    for st in stages:
-        lines.append(f"| {st} | " + " | ".join(str(result["seconds"][p].get(st, "")) for p in result["seconds"]) + " |")
+    by_proto = result["seconds_by_protocol"]
+    lines.append("\n| stage | " + " | ".join(f"{p} s" for p in by_proto) + " | total s | peak RSS MiB |")
+    lines.append("|---|" + "---:|" * (len(by_proto) + 2))
+    for st, total in result["seconds"].items():
+        rss = max(r.get(st, 0.0) for r in result["peak_rss_mb"].values())
+        lines.append(f"| {st} | " + " | ".join(str(by_proto[p].get(st, "")) for p in by_proto)
+                     + f" | {total:.1f} | {rss:.0f} |")
     return "\n".join(lines)
 
 
@@ -118,14 +125,16 @@ def main(argv=None) -> int:
     if not data.is_dir():
         print(f"ERROR: dataset directory {data} does not exist", file=sys.stderr)
         return 2
-    result: dict = {"seconds": {}, "peak_rss_mb": {}}
+    result: dict = {"seconds": {}, "seconds_by_protocol": {}, "peak_rss_mb": {}}
     for name in args.protocols:
         if name not in PROTOCOLS:
             print(f"ERROR: unknown protocol '{name}' ({sorted(PROTOCOLS)})", file=sys.stderr)
             return 2
         r = run_protocol(data, name, PROTOCOLS[name], Path(args.workdir) / name, Path(args.params))
         result[name] = r["metrics"]
-        result["seconds"][name] = r["seconds"]
+        result["seconds_by_protocol"][name] = r["seconds"]
+        for st, sec in r["seconds"].items():
+            result["seconds"][st] = round(result["seconds"].get(st, 0.0) + sec, 2)
         result["peak_rss_mb"][name] = r["peak_rss_mb"]
     import platform
 

@@ -1,0 +1,40 @@
+"""pipelines.bench: protocol overrides, result shape and the printed table."""
+
+from __future__ import annotations
+
+from pipelines import bench
+
+
+def test_protocols_follow_the_published_settings():
+    st, cs = bench.PROTOCOLS["stratified"]["split"], bench.PROTOCOLS["coldstart"]["split"]
+    assert (st["ratio"], st["seed"], st["cold_item_fraction"], st["cold_user_fraction"]) == (0.75, 42, 0.0, 0.0)
+    assert (cs["cold_item_fraction"], cs["cold_user_max"]) == (0.1, 5)
+
+
+def test_merge_overrides_nested_keys_only():
+    base = {"split": {"ratio": 0.8, "seed": 1, "val_ratio": 0.1}, "fuse": {"k": 10}}
+    out = bench._merge(base, {"split": {"ratio": 0.75}})
+    assert out == {"split": {"ratio": 0.75, "seed": 1, "val_ratio": 0.1}, "fuse": {"k": 10}}
+    assert base["split"]["ratio"] == 0.8  # input untouched
+
+
+def test_table_lists_models_by_ndcg_and_stage_seconds():
+    row = lambda x, n: {"ndcg@10": x, "precision@10": x / 2, "recall@10": x / 3, "map@10": x / 4, "n_users": n}
+    result = {
+        "stratified": {"ease": {"all": row(0.48, 943)}, "hybrid": {"all": row(0.50, 943)},
+                       "popularity": {"all": row(0.25, 943), "cold_users": row(0.1, 0)}},
+        "seconds": {"split": 3.0, "fit_cf": 12.5},
+        "seconds_by_protocol": {"stratified": {"split": 1.0, "fit_cf": 5.0},
+                                "coldstart": {"split": 2.0, "fit_cf": 7.5}},
+        "peak_rss_mb": {"stratified": {"split": 100.0, "fit_cf": 900.0},
+                        "coldstart": {"split": 120.0, "fit_cf": 800.0}},
+        "machine": {"cpu_count": 2},
+    }
+    text = bench.table(result)
+    lines = text.splitlines()
+    order = [ln.split("|")[1].strip() for ln in lines if ln.startswith("| ") and "| all |" in ln]
+    assert order == ["hybrid", "ease", "popularity"]
+    assert "| hybrid | all | 943 | 0.5000 |" in text
+    assert not any("cold_users" in ln for ln in lines)  # empty slice left out
+    assert "| fit_cf | 5.0 | 7.5 | 12.5 | 900 |" in text
+    assert "machine" not in text and "seconds_by_protocol" not in text
