@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -64,14 +65,18 @@ class S3Server:
 @contextlib.contextmanager
 def moto_server(timeout: float = 30.0) -> Iterator[S3Server]:
     port = free_port()
+    # The server logs every request on stderr: a file, never an unread pipe (a full pipe buffer
+    # blocks the server after a few hundred requests, e.g. a `dvc push` then a listing).
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"moto server exited ({proc.returncode}): {proc.stderr.read()!r}")
+                log.seek(0)
+                raise RuntimeError(f"moto server exited ({proc.returncode}): {log.read()[-4000:]!r}")
             try:
                 with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
                     break
@@ -87,5 +92,4 @@ def moto_server(timeout: float = 30.0) -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        log.close()
