@@ -14,8 +14,8 @@ Publish: metrics, profiles (``--profiles`` dir, if present), recommendations
 go to ``<prefix>/versions/<version>/...`` with a ``manifest.json`` of
 checksums; then ``champion.json``; ``latest.json`` (pointer to the version +
 checksums) is written LAST, so readers never see a half-published version.
-The version id is a content hash of metrics + artifacts: publishing the same
-content again uploads nothing new.
+The version id is a content hash of metrics + artifacts + the selected model:
+publishing the same content again uploads nothing new.
 
 Target: ``s3://<s3_bucket>/<s3_prefix>`` when ``publish.s3_bucket`` is set
 (endpoint: ``s3_endpoint_url`` or env ``MMREC_S3_ENDPOINT_URL`` /
@@ -143,9 +143,15 @@ def checksums(files: dict[str, Path]) -> dict[str, str]:
     return {key: sha256_file(path) for key, path in sorted(files.items())}
 
 
-def version_id(sums: dict[str, str]) -> str:
-    """Content hash of metrics + artifacts (paths and bytes)."""
+def version_id(sums: dict[str, str], model: str) -> str:
+    """Content hash of metrics + artifacts (paths and bytes) and of the model they publish.
+
+    The model is part of the identity: the same files published for another model (e.g.
+    ``publish.model`` switched to a weaker one) are a different version, so the gate compares
+    it with the champion instead of taking it for a re-publication of the champion.
+    """
     h = hashlib.sha256()
+    h.update(f"model\0{model}\n".encode())
     for key, digest in sorted(sums.items()):
         h.update(f"{key}\0{digest}\n".encode())
     return h.hexdigest()[:16]
@@ -246,7 +252,7 @@ def run(metrics_path: Path, profiles: Path | None, recs: Path | None, params: di
     model, value, notes = select_model(metrics, p)
     files, skipped = collect_files(metrics_path, profiles, recs)
     sums = checksums(files)
-    version = version_id(sums)
+    version = version_id(sums, model)
     champion = store.get_json(p["champion_file"])
     promoted, reason = decide(value, version, champion, p)
     decision = {

@@ -169,3 +169,20 @@ def test_cli_publishes_to_s3_without_leaking_credentials(tmp_path, inputs):
     texts += [p.read_text(errors="replace") for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert not any(SECRET_KEY in t for t in texts)
     assert not any(SECRET_KEY.encode() in b for b in blobs)
+
+
+def test_same_files_for_a_weaker_model_are_gated_not_taken_for_the_champion(tmp_path, inputs):
+    """Switching ``publish.model`` to a weaker model publishes the same files: a new version,
+    compared with the champion (not a re-publication of it); latest.json keeps the champion."""
+    store = LocalStore(tmp_path / "target")
+    src = inputs({"hybrid": 0.30, "popularity": 0.10})
+    d1 = run(src / "metrics.json", src / "profiles", src / "fuse", {"tolerance": 0.0}, store=store)
+    assert d1["promoted"] and d1["model"] == "hybrid"
+    snapshot = {k: store.get_bytes(k) for k in store.list()}
+    d2 = run(src / "metrics.json", src / "profiles", src / "fuse", {"tolerance": 0.0, "model": "popularity"},
+             store=store)
+    assert d2["version"] != d1["version"] and d2["files"] == d1["files"]
+    assert d2["promoted"] is False and "regression" in d2["reason"] and "0.100000" in d2["reason"]
+    after = {k: store.get_bytes(k) for k in store.list() if k != f"decisions/{d2['version']}.json"}
+    assert after == snapshot  # champion.json, latest.json and every version untouched
+    assert store.get_json("latest.json")["model"] == "hybrid"
