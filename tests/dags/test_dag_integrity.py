@@ -63,7 +63,7 @@ def parse(tmp_path, **env_extra) -> dict:
 
 @pytest.fixture(scope="module")
 def parsed(tmp_path_factory):
-    return parse(tmp_path_factory.mktemp("parse"), MMREC_GPU_POOL="gpu_test_pool")
+    return parse(tmp_path_factory.mktemp("parse"), MMREC_GPU_POOL="gpu_test_pool", MMREC_GPU_QUEUE="gpu_test_queue")
 
 
 def test_every_dag_file_imports_without_errors_or_db(parsed):
@@ -92,6 +92,7 @@ def test_training_dag_is_the_stage_graph(parsed):
         assert t["type"] == "BashOperator"
         assert t["cmd"].endswith(f"-m pipelines run-stage {s.name}") and "cd " in t["cmd"]
         assert t["pool"] == ("gpu_test_pool" if s.pool == "gpu" else s.pool)
+        assert (t["queue"] == "gpu_test_queue") == (s.pool == "gpu"), (s.name, t["queue"])
         assert t["timeout"] == (6 * 3600 if (s.heavy or s.pool == "gpu") else 3600)
     # triggered by the dataset asset OR weekly
     assert dag["timetable"] == "AssetOrTimeSchedule"
