@@ -160,6 +160,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def _held_out(tr: dict) -> str:
+    """Held-out validation ndcg@10: hybrid / best single source (honest when refit_full is off)."""
+    d = next((v for k, v in tr.items() if k.startswith("eval_ndcg@")), None)
+    if not d:
+        return "n/a"
+    best = max((v for k, v in d.items() if k != "hybrid"), default=float("nan"))
+    return f"{d['hybrid']:.4f}/{best:.4f}"
+
+
 def run_variant(split, fit, full, feats, params, args, single):
     t = time.perf_counter()
     out = fusion.fuse(split, fit, full, feats, None, params)
@@ -180,7 +189,8 @@ def run_variant(split, fit, full, feats, params, args, single):
               f"cold_users recall@10={h['cold_users'].get('recall@10', float('nan')):.4f} "
               f"cold_items recall@10={h['cold_items'].get('recall@10', float('nan')):.4f} "
               f"cand_recall={tr['candidate_recall']:.3f} best_it={tr.get('best_iteration')} "
-              f"eval={tr.get('eval_ndcg', float('nan')):.4f} t={wall:.0f}s", flush=True)
+              f"eval={tr.get('eval_ndcg', float('nan')):.4f} "
+              f"held-out={_held_out(tr)} t={wall:.0f}s", flush=True)
         return {k: v for k, v in metrics.items() if k != "hybrid"}
     print(f"{'model':>12} " + " ".join(f"{sl + ' ndcg@10':>20} {sl + ' recall@10':>22}"
                                         for sl in ("all", "cold_users", "cold_items")))

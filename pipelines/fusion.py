@@ -136,7 +136,16 @@ DEFAULTS: dict = {
     "refit_full": True,  # refit on every validation user with the early-stopped tree count
     "seed": 42,
     "num_threads": 2,
-    "max_train_users": 3000,  # subsample of labelled users the ranker learns on
+    "max_train_users": 3000,  # subsample of labelled users the ranker learns on (per fold)
+    # cross-fitting: 1 = the split's val fold only; K > 1 adds K - 1 folds of the fit rows (each
+    # hiding as many rows per user as the val fold) with the sources re-fitted on the rest
+    "cv_folds": 1,
+    # re-fit the sources (clones of the fit models: same class and hyper-parameters) on each
+    # training context AFTER the cold-start simulation, so that they never saw the moved rows
+    "refit_sources": False,
+    # use model scores on cold users too (needs refit_sources: else the training-time models saw
+    # the simulated cold users' hidden rows)
+    "model_cold_users": False,
     "memory_mb": 512,  # scratch budget per user batch (dense score matrices)
     "cold_item_slots": 0,  # reserve the last N of the top-k for the best-ranked cold items
 }
@@ -156,6 +165,11 @@ def resolve_params(params: dict | None) -> dict:
         raise ValueError(f"fuse.objective must be lambdarank or rank_xendcg, got {p['objective']!r}")
     if int(p["k"]) < 1:
         raise ValueError(f"fuse.k must be >= 1, got {p['k']}")
+    if p["model_cold_users"] and not p["refit_sources"]:
+        raise ValueError("fuse.model_cold_users needs fuse.refit_sources: the fit-fold models saw "
+                         "the hidden rows of the simulated cold users (leakage)")
+    if int(p["cv_folds"]) < 1:
+        raise ValueError(f"fuse.cv_folds must be >= 1, got {p['cv_folds']}")
     if not 0.0 <= float(p["eval_fraction"]) < 1.0:
         raise ValueError(f"fuse.eval_fraction must be in [0, 1), got {p['eval_fraction']}")
     return p
@@ -850,8 +864,9 @@ class FeatureBuilder:
             if sc.shape != (B, ni):
                 raise ValueError(f"source '{s.name}' returned scores of shape {sc.shape}, "
                                  f"expected {(B, ni)}")
-            if s.model:  # fitted models: warm users x warm items of the context only
-                sc[ctx.user_n[uidx] <= cold_max] = -np.inf
+            if s.model:  # fitted models: warm items (and warm users) of the context only
+                if not p["model_cold_users"]:
+                    sc[ctx.user_n[uidx] <= cold_max] = -np.inf
                 sc[:, ctx.cold] = -np.inf
             sc[srows, seen.indices] = -np.inf
             fin = np.isfinite(sc)
@@ -1202,7 +1217,8 @@ def _val_matrix(val: pd.DataFrame, inter: Interactions) -> sp.csr_matrix:
     return V
 
 
-def training_world(split: Split, p: dict) -> dict:
+def training_world(split: Split, p: dict, fit_df: pd.DataFrame | None = None,
+                   val_df: pd.DataFrame | None = None, salt: int = 0) -> dict:
     """The training-time context (fit rows) and labels (val rows), with cold-start simulation.
 
     Test time has cold items (no training row) and cold users (at most ``cold_user_max``
@@ -1213,11 +1229,16 @@ def training_world(split: Split, p: dict) -> dict:
     computed from the context only, and the fitted models (which did see the moved rows) are
     never used on cold users or cold items of the context (see :meth:`FeatureBuilder.frame`),
     the same rule as at test time.
+
+    ``fit_df`` / ``val_df``: another context / label partition of the training rows (a
+    cross-fitting fold, see :func:`cross_folds`; default: the split's ``fit`` / ``val`` folds);
+    ``salt`` varies the simulation's random draws per fold.
     """
-    rng = np.random.default_rng([int(p["seed"]), 7])
-    train = split.train
-    fold = train["fold"].astype(str).to_numpy()
-    fit_df, val_df = train[fold == "fit"], train[fold == "val"]
+    rng = np.random.default_rng([int(p["seed"]), 7] if not salt else [int(p["seed"]), 7, int(salt)])
+    if fit_df is None or val_df is None:
+        train = split.train
+        fold = train["fold"].astype(str).to_numpy()
+        fit_df, val_df = train[fold == "fit"], train[fold == "val"]
     full = split.interactions()
     Xf = full.matrix()
     cmax = int(p["cold_user_max"])
@@ -1259,6 +1280,45 @@ def training_world(split: Split, p: dict) -> dict:
     return {"context": context, "labels": labels, "stats": stats, "sim_items": C, "sim_users": U}
 
 
+def cross_folds(split: Split, n_folds: int, seed: int) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """Extra (context rows, label rows) partitions of the training rows for cross-fitting.
+
+    Fold 0 is the split's own ``fit`` / ``val`` pair.  Folds 1..``n_folds - 1`` each take, per
+    user, as many of the user's ``fit`` rows as the user has ``val`` rows (disjoint random
+    chunks) as labels; the context is every other training row (the ``val`` rows included).
+    Every fold thus hides the same share of each user's history as the ``val`` fold, and the
+    labels of a fold are never in its context.  Test rows are never touched.
+    """
+    train = split.train
+    fold = train["fold"].astype(str).to_numpy()
+    if n_folds <= 1 or not (fold == "val").any():
+        return []
+    fit_rows = train[fold == "fit"]
+    n_val = train[fold == "val"][USER].astype(str).value_counts()
+    users = fit_rows[USER].astype(str)
+    rng = np.random.default_rng([int(seed), 11])
+    key = pd.Series(rng.random(len(fit_rows)), index=fit_rows.index)
+    pos = key.groupby(users).rank(method="first").to_numpy().astype(np.int64) - 1
+    size = n_val.reindex(users).fillna(0).to_numpy().astype(np.int64)
+    chunk = np.where(size > 0, pos // np.maximum(size, 1) + 1, 0)
+    out = []
+    for k in range(1, int(n_folds)):
+        is_label = chunk == k
+        if not is_label.any():
+            break  # users have too few fit rows for more folds
+        labels = fit_rows[is_label]
+        context = train.drop(index=labels.index)
+        out.append((context, labels))
+    return out
+
+
+def clone_model(model: Recommender) -> Recommender:
+    """An unfitted model of the same class and hyper-parameters (for cross-fitting)."""
+    from .recommenders.base import REGISTRY
+
+    return REGISTRY[model.name](**model.params)
+
+
 def build_training_set(fb: FeatureBuilder, val: pd.DataFrame, p: dict) -> dict:
     """Candidates/features over labelled users; labels = their label rows not in the context."""
     ctx = fb.ctx
@@ -1287,7 +1347,7 @@ def build_training_set(fb: FeatureBuilder, val: pd.DataFrame, p: dict) -> dict:
     y = np.concatenate([q[3] for q in parts]) if parts else np.zeros(0, np.float32)
     cand = np.sum(n_cand, axis=0) if n_cand else np.zeros(0)
     n_truth = np.diff(V.indptr)
-    return {"users": gu, "items": gi, "X": X, "y": y, "n_truth": n_truth,
+    return {"users": gu, "items": gi, "X": X, "y": y, "n_truth": n_truth, "n_users": int(V.shape[0]),
             "stats": {"n_val_users": int(len(users)), "n_val_items": n_truth_total,
                       "candidate_recall": covered / max(n_truth_total, 1),
                       "candidate_recall_by_source": {s.name: int(c) / max(n_truth_total, 1)
@@ -1313,15 +1373,20 @@ def train_ranker(ts: dict, names: list[str], sources: list[str], p: dict) -> tup
         raise ValueError("fusion: no validation interaction is covered by the candidates: cannot "
                          "train the ranker (raise fuse.candidates or split.val_ratio)")
     rng = np.random.default_rng(int(p["seed"]))
-    n_eval = int(round(float(p["eval_fraction"]) * len(pos_users)))
-    if len(pos_users) - n_eval < 1 or int(p["early_stopping_rounds"]) <= 0:
+    # groups of cross-fitting folds are user + fold * n_users: early stopping holds out real
+    # users (every fold of them), so that no eval user's history is also learnt on
+    base = int(ts.get("n_users") or (int(users.max()) + 1 if len(users) else 1))
+    real = np.unique(pos_users % base)
+    n_eval = int(round(float(p["eval_fraction"]) * len(real)))
+    if len(real) - n_eval < 1 or int(p["early_stopping_rounds"]) <= 0:
         n_eval = 0  # no early stopping: n_estimators trees on every labelled user
-    eval_users = rng.choice(pos_users, n_eval, replace=False) if n_eval else np.zeros(0, np.int64)
-    is_eval = np.isin(users, eval_users)
+    eval_users = rng.choice(real, n_eval, replace=False) if n_eval else np.zeros(0, np.int64)
+    is_eval = np.isin(users % base, eval_users)
     ranker = Ranker.train(X[~is_eval], y[~is_eval], users[~is_eval], X[is_eval], y[is_eval],
                           users[is_eval], names, p)
     ranker.info["num_threads"] = int(p["num_threads"])
-    diag = {"n_rows": int(len(y)), "n_groups": int(len(pos_users)), "n_eval_groups": int(n_eval),
+    diag = {"n_rows": int(len(y)), "n_groups": int(len(pos_users)),
+            "n_eval_groups": int(len(np.unique(users[is_eval]))),
             "positive_rate": float(y.mean()) if len(y) else 0.0}
     if n_eval:
         ue, Xe, ye = users[is_eval], X[is_eval], y[is_eval]
@@ -1516,6 +1581,45 @@ def recommend_all(ranker: Ranker, fb: FeatureBuilder, user_idx: np.ndarray, p: d
 
 # =========================================================================== the stage
 
+def _add_cross_folds(ts: dict, folds: list, split: Split, fit_models: dict[str, Recommender],
+                     items: ItemSide, users: UserSide, p: dict) -> tuple[dict, dict]:
+    """Training rows of the extra cross-fitting folds appended to ``ts`` (fold 0).
+
+    For each fold the sources are re-fitted (same class and hyper-parameters as the ``fit``
+    models) on the fold's context rows only, checked against its labels, and the whole
+    feature pipeline runs on that context.  Group ids are ``user + fold * n_users``.
+    """
+    nb = int(ts["n_users"])
+    parts, stats = [ts], []
+    for k, (context_df, label_df) in enumerate(folds, start=1):
+        t = time.perf_counter()
+        world = training_world(split, p, context_df, label_df, salt=k)
+        if p["refit_sources"]:  # the models never see the rows moved by the simulation either
+            inter, label_df = world["context"], world["labels"]
+        else:
+            inter = Interactions.build(context_df, split.user_ids, split.item_ids)
+        models = {n: clone_model(m).fit(inter) for n, m in fit_models.items()}
+        check_no_leak(models, label_df, what=f"cross-fitting fold {k} label")
+        t_fit = time.perf_counter() - t
+        ctx = build_context(world["context"], items, users, p)
+        fb = FeatureBuilder(make_sources(models, ctx, items, users, p), ctx, items, users, p)
+        tk = build_training_set(fb, world["labels"], p)
+        tk["users"] = tk["users"] + k * nb
+        parts.append(tk)
+        stats.append({"fold": k, "label_rows": int(len(label_df)), "n_rows": int(len(tk["y"])),
+                      "candidate_recall": tk["stats"]["candidate_recall"],
+                      "seconds_fit": round(t_fit, 3), "seconds": round(time.perf_counter() - t, 3)})
+        log.info("fusion: cross-fitting fold %d: %d rows, candidate recall %.3f", k, len(tk["y"]),
+                 tk["stats"]["candidate_recall"])
+    out = {"users": np.concatenate([q["users"] for q in parts]),
+           "items": np.concatenate([q["items"] for q in parts]),
+           "X": np.concatenate([q["X"] for q in parts]),
+           "y": np.concatenate([q["y"] for q in parts]),
+           "n_truth": np.concatenate([q["n_truth"] for q in parts]),
+           "n_users": nb, "stats": ts["stats"]}
+    return out, stats
+
+
 def fuse(split: Split, fit_models: dict[str, Recommender], full_models: dict[str, Recommender],
          item_features: dict[str, tuple] | None = None, profiles: pd.DataFrame | None = None,
          params: dict | None = None) -> dict:
@@ -1534,9 +1638,18 @@ def fuse(split: Split, fit_models: dict[str, Recommender], full_models: dict[str
     t = time.perf_counter()
     check_no_leak(fit_models, split.val())
     world = training_world(split, p)
+    train_models = fit_models
+    if p["refit_sources"]:
+        train_models = {n: clone_model(m).fit(world["context"]) for n, m in fit_models.items()}
+        check_no_leak(train_models, world["labels"], what="training label")
     ctx_fit = build_context(world["context"], items, users, p)
-    fb_fit = FeatureBuilder(make_sources(fit_models, ctx_fit, items, users, p), ctx_fit, items, users, p)
+    fb_fit = FeatureBuilder(make_sources(train_models, ctx_fit, items, users, p), ctx_fit, items,
+                            users, p)
     ts = build_training_set(fb_fit, world["labels"], p)
+    folds = cross_folds(split, int(p["cv_folds"]), int(p["seed"]))
+    if folds:
+        ts, fold_stats = _add_cross_folds(ts, folds, split, fit_models, items, users, p)
+        world["stats"]["cross_folds"] = fold_stats
     timings["train_features"] = time.perf_counter() - t
     log.info("fusion: %d training rows, candidate recall on val %.3f", len(ts["y"]),
              ts["stats"]["candidate_recall"])

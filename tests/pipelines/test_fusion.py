@@ -264,11 +264,13 @@ def test_training_features_do_not_depend_on_val_rows(blocks):
     assert not np.array_equal(a["y"], b["y"])
 
 
-def test_test_rows_never_reach_test_time_features():
+@pytest.mark.parametrize("cv_folds", [1, 3])
+def test_test_rows_never_reach_test_time_features(cv_folds):
     split = manual_split()
     fit, full = fit_models(split, "fit"), fit_models(split, None)
     feats = manual_features(split)
-    p = {**FAST, "candidates": {"default": 20, "content": 20, "content_knn": 20}, "k": 20}
+    p = {**FAST, "candidates": {"default": 20, "content": 20, "content_knn": 20}, "k": 20,
+         "cv_folds": cv_folds}
     out = F.fuse(split, fit, full, feats, None, p)
     # test-only items are cold at test time (never counted by popularity / co-occurrence)
     fb, _ = builder(split, full, None, feats, **p)
@@ -293,6 +295,64 @@ def test_fit_models_trained_on_val_rows_are_refused(blocks):
     F.check_no_leak(fit_models(blocks, "fit"), blocks.val())
     with pytest.raises(ValueError, match="leakage"):
         F.fuse(blocks, leaky, fit_models(blocks, None), None, None, FAST)
+
+
+def test_cross_folds_partition_training_rows_without_overlap(blocks):
+    train, val = blocks.train, blocks.val()
+    folds = F.cross_folds(blocks, 3, seed=0)
+    assert len(folds) == 2  # val_ratio 0.3: the fit rows hold two more val-sized chunks
+    all_pairs = set(zip(train.user_id, train.item_id))
+    test_pairs = set(zip(blocks.test.user_id, blocks.test.item_id))
+    seen_labels = set(zip(val.user_id, val.item_id))
+    n_val = val.groupby("user_id").size()
+    for context, labels in folds:
+        ctx_pairs = set(zip(context.user_id, context.item_id))
+        lab_pairs = set(zip(labels.user_id, labels.item_id))
+        assert lab_pairs and not ctx_pairs & lab_pairs  # a fold's labels are never its context
+        assert ctx_pairs | lab_pairs == all_pairs  # every training row, nothing else
+        assert not (ctx_pairs | lab_pairs) & test_pairs
+        assert not lab_pairs & seen_labels  # folds are disjoint (and disjoint from val)
+        seen_labels |= lab_pairs
+        assert (labels.fold == "fit").all()
+        # each fold hides as many rows per user as the val fold
+        pd.testing.assert_series_equal(labels.groupby("user_id").size(),
+                                       n_val.reindex(labels.user_id.unique()).sort_index(),
+                                       check_names=False)
+    assert F.cross_folds(blocks, 1, seed=0) == []
+    # deterministic
+    again = F.cross_folds(blocks, 3, seed=0)
+    for (c1, l1), (c2, l2) in zip(folds, again):
+        pd.testing.assert_frame_equal(l1, l2)
+
+
+def test_cross_fitting_refits_sources_without_the_fold_labels(blocks):
+    p = F.resolve_params({**FAST, "cv_folds": 3})
+    fit = fit_models(blocks, "fit")
+    items = F.build_item_side(blocks.items, blocks.item_ids, block_features(blocks), p)
+    users = F.build_user_side(blocks.users, blocks.user_ids, p)
+    world = F.training_world(blocks, p)
+    ctx = F.build_context(world["context"], items, users, p)
+    fb = F.FeatureBuilder(F.make_sources(fit, ctx, items, users, p), ctx, items, users, p)
+    ts0 = F.build_training_set(fb, world["labels"], p)
+    folds = F.cross_folds(blocks, 3, int(p["seed"]))
+    ts, stats = F._add_cross_folds(ts0, folds, blocks, fit, items, users, p)
+    nb = len(blocks.user_ids)
+    assert [s["fold"] for s in stats] == [1, 2]
+    assert len(ts["y"]) == len(ts0["y"]) + sum(s["n_rows"] for s in stats)
+    assert set(np.unique(ts["users"] // nb)) == {0, 1, 2} and len(ts["n_truth"]) == 3 * nb
+    # fold k's positives are exactly its label rows that are candidates
+    for k, (_context, labels) in enumerate(folds, start=1):
+        sel = (ts["users"] // nb == k) & (ts["y"] > 0)
+        got = set(zip(blocks.user_ids[ts["users"][sel] % nb], blocks.item_ids[ts["items"][sel]]))
+        assert got and got <= set(zip(labels.user_id, labels.item_id))
+    # positive control: a fold whose context holds its labels is refused as leakage
+    context, labels = folds[0]
+    with pytest.raises(ValueError, match="cross-fitting fold 1 label.*leakage"):
+        F._add_cross_folds(ts0, [(blocks.train, labels)], blocks, fit, items, users, p)
+    # the ranker trains on every fold and holds out real users (all their folds) for early stopping
+    ranker, diag = F.train_ranker(ts, fb.names, [s.name for s in fb.sources], p)
+    assert diag["n_groups"] > len(np.unique(ts0["users"][ts0["y"] > 0]))
+    assert ranker.predict(ts["X"][:5]).shape == (5,)
 
 
 # --------------------------------------------------------------------------- ranker
@@ -522,6 +582,34 @@ def test_training_world_moves_rows_into_labels_without_leaking_model_knowledge(t
     assert n_ctx.reindex(sim_users).between(1, 2).all()
     assert not set(w["context"].df.item_id) & set(w["sim_items"])  # simulated cold items
     assert ctx.cold[split.interactions().item_index(w["sim_items"])].all()
+
+
+def test_refit_sources_lets_models_score_simulated_cold_users_without_leaking(tmp_path):
+    split = blocks_split(tmp_path, cold_user_fraction=0.2, cold_user_max=2)
+    fit, full = fit_models(split, "fit"), fit_models(split, None)
+    with pytest.raises(ValueError, match="model_cold_users needs fuse.refit_sources"):
+        F.fuse(split, fit, full, None, None, {**FAST, "model_cold_users": True})
+    p = F.resolve_params({**FAST, "cold_user_simulation": 0.3, "refit_sources": True,
+                          "model_cold_users": True})
+    w = F.training_world(split, p)
+    # the fit models saw the simulated cold users' hidden rows: the guard refuses them ...
+    with pytest.raises(ValueError, match="leakage"):
+        F.check_no_leak(fit, w["labels"], what="training label")
+    # ... while clones re-fitted on the simulated context never saw any label row
+    clones = {n: F.clone_model(m).fit(w["context"]) for n, m in fit.items()}
+    F.check_no_leak(clones, w["labels"], what="training label")
+    assert clones["itemknn"].params == fit["itemknn"].params
+    items = F.build_item_side(split.items, split.item_ids, None, p)
+    users = F.build_user_side(split.users, split.user_ids, p)
+    ctx = F.build_context(w["context"], items, users, p)
+    fb = F.FeatureBuilder(F.make_sources(clones, ctx, items, users, p), ctx, items, users, p)
+    ts = F.build_training_set(fb, w["labels"], p)
+    sim = np.isin(split.user_ids[ts["users"]], list(w["sim_users"]))
+    assert sim.any()
+    col = fb.names.index("itemknn_rank")
+    assert np.isfinite(ts["X"][sim, col]).any()  # model features now reach cold users
+    out = F.fuse(split, fit, full, None, None, dict(p))
+    assert out["summary"]["training"]["n_groups"] > 0
 
 
 def test_merged_bags_predict_the_mean():
