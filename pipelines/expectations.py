@@ -57,6 +57,11 @@ N_EXAMPLES = 5
 # soft share checks: items column -> params key holding the max allowed share of missing values
 SHARE_CHECKS = {"image": "max_missing_image_share", "video": "max_missing_video_share",
                 "description": "max_missing_description_share"}
+# every helper column add_helper_columns() may add: a raw column must not use these names
+HELPER_COLUMNS = frozenset({"_ts_seconds", "_ts_parseable", "_rating_value", "_rating_numeric",
+                            "_user_code", "_item_code", "_pair_code", "_item_known", "_user_known"}
+                           | {f"_{m}_problem" for m in MEDIA_COLUMNS}
+                           | {f"_has_{c}" for c in SHARE_CHECKS})
 
 
 @dataclass
@@ -238,6 +243,20 @@ def _is_text(s: pd.Series) -> bool:
     return pd.api.types.is_string_dtype(s) or s.dtype == object
 
 
+def non_scalar_rows(s: pd.Series) -> list[int]:
+    """0-based rows of ``s`` holding lists, arrays, dicts or sets (parquet nested types).
+
+    Ids, timestamps and ratings must be scalars: such values cannot be compared or
+    hashed (pandas' factorize raises on them), so the table is rejected before any
+    expectation runs.
+    """
+    if s.dtype != object:
+        return []
+    arr = s.to_numpy(dtype=object)
+    nested = (list, tuple, dict, set, frozenset, np.ndarray)
+    return [i for i, x in enumerate(arr) if isinstance(x, nested)]
+
+
 def media_problems(values: pd.Series, root: Path) -> pd.Series:
     """Per value: None when the media path is a regular file inside ``root``, else why not.
 
@@ -259,27 +278,35 @@ def media_problems(values: pd.Series, root: Path) -> pd.Series:
     return pd.Series(out, index=values.index, dtype=object)
 
 
+def _path_repr(v: str, n: int = 120) -> str:
+    """repr() of a media path (control characters escaped), shortened for messages."""
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 4] + "...'"
+
+
 def _media_problem(v: str, root: Path, root_real: str) -> str | None:
     if not v.strip():
-        return f"{v!r}: empty path"
+        return f"{_path_repr(v)}: empty path"
+    if "\x00" in v:  # os.path / os.stat raise ValueError on it
+        return f"{_path_repr(v)}: NUL byte in path"
     norm = v.replace("\\", "/")
     if os.path.isabs(v) or norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
-        return f"{v!r}: absolute path (must be relative to the dataset directory)"
+        return f"{_path_repr(v)}: absolute path (must be relative to the dataset directory)"
     if ".." in norm.split("/"):
-        return f"{v!r}: '..' path component (path traversal)"
+        return f"{_path_repr(v)}: '..' path component (path traversal)"
     full = os.path.join(root, norm)
     real = os.path.realpath(full)
     if os.path.commonpath([real, root_real]) != root_real:
-        return f"{v!r}: resolves outside the dataset directory (via a symlink, to {real})"
+        return f"{_path_repr(v)}: resolves outside the dataset directory (via a symlink, to {real})"
     try:
         st = os.stat(real)
     except FileNotFoundError:
-        return f"{v!r}: file does not exist"
+        return f"{_path_repr(v)}: file does not exist"
     except OSError as exc:
-        return f"{v!r}: cannot stat ({exc.strerror})"
+        return f"{_path_repr(v)}: cannot stat ({exc.strerror})"
     if not stat.S_ISREG(st.st_mode):
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        return f"{v!r}: is {kind}"
+        return f"{_path_repr(v)}: is {kind}"
     return None
 
 
@@ -434,7 +461,7 @@ def _table_suite(table: str, df: pd.DataFrame, files: dict[str, str], params: di
 
     # text length bounds and personal data, on every text column of the raw table
     for col in df.columns:
-        if str(col).startswith("_") or not _is_text(df[col]):
+        if col in HELPER_COLUMNS or not _is_text(df[col]):  # raw "_x" columns are checked too
             continue
         if table == "ratings" and col in (TS, RATING):
             continue  # must parse as numbers / timestamps: stricter rules above

@@ -84,9 +84,25 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise DataContractError(path, "not-empty", "file is empty")
     if path.suffix == ".parquet":
         try:
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(path).names
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise DataContractError(path, "unique-columns", f"duplicate column names {dup}")
             df = pd.read_parquet(path)
+        except DataContractError:
+            raise
         except Exception as exc:  # pyarrow raises many types; re-raise as contract error
             raise DataContractError(path, "readable-parquet", f"{type(exc).__name__}: {exc}") from exc
+        for col in df.columns:
+            if df[col].dtype == object:
+                vals = df[col].to_numpy(dtype=object)
+                rows = [i + 1 for i, x in enumerate(vals) if isinstance(x, (bytes, bytearray))]
+                if rows:
+                    raise DataContractError(path, "text-not-binary", "binary values (parquet BINARY "
+                                            "column); ids, text and media paths must be UTF-8 text",
+                                            rows=rows, column=str(col))
         return df
     raw = path.read_bytes()
     try:
@@ -146,17 +162,29 @@ def load_raw(data_dir: str | Path) -> Dataset:
     return Dataset(data_dir, frames["ratings"], frames["items"], frames["users"], files)
 
 
+def _epoch_seconds(dt: pd.Series) -> pd.Series:
+    """Datetimes (any unit, naive = UTC, or tz-aware) as float Unix seconds, NaN for NaT.
+
+    Computed in numpy ``datetime64[s]``, so dates outside pandas' nanosecond range
+    (year 59, year 9999) convert instead of raising ``OutOfBoundsDatetime``.
+    """
+    if isinstance(dt.dtype, pd.DatetimeTZDtype):
+        dt = dt.dt.tz_convert("UTC").dt.tz_localize(None)
+    arr = dt.to_numpy().astype("datetime64[s]")
+    out = arr.astype("int64").astype("float64")
+    out[np.isnat(arr)] = np.nan
+    return pd.Series(out, index=dt.index)
+
+
 def to_timestamp_seconds(values: pd.Series) -> pd.Series:
     """Convert Unix seconds or ISO-8601 strings to int64 seconds (NaN -> error upstream)."""
     if isinstance(values.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(values):
-        dt = pd.to_datetime(values, utc=True)
-        return ((dt - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).astype("float64")
+        return _epoch_seconds(values)
     num = pd.to_numeric(values, errors="coerce").astype("float64")
     if num.notna().all():
         return num
     parsed = pd.to_datetime(values.where(num.isna()), errors="coerce", utc=True, format="ISO8601")
-    secs = (parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-    return num.where(num.notna(), secs.astype("float64"))
+    return num.where(num.notna(), _epoch_seconds(parsed))
 
 
 def normalise(ds: Dataset) -> Dataset:

@@ -35,6 +35,7 @@ from pipelines.io import _json_default, atomic_path, load_params
 from pipelines.schema import (
     ITEM,
     RATING,
+    REQUIRED,
     TABLES,
     TS,
     USER,
@@ -160,10 +161,32 @@ def _load_tables(root: Path) -> tuple[dict[str, pd.DataFrame], dict[str, str], l
         files[table] = str(path)
         try:
             # row numbers in findings are positions: 1-based data rows as in the file
-            tables[table] = read_table(path).reset_index(drop=True)
+            df = read_table(path).reset_index(drop=True)
         except DataContractError as exc:
             findings.append(Finding(exc.file, exc.column, exc.rule, "error", exc.detail or str(exc),
                                     rows=list(exc.rows)))
+            continue
+        blank = [i for i, c in enumerate(df.columns) if not str(c).strip()]
+        if blank:
+            findings.append(Finding(str(path), None, "column-names", "error",
+                                    f"empty column name(s) at position(s) {[i + 1 for i in blank]}"))
+            continue
+        reserved = sorted(str(c) for c in df.columns if c in gxe.HELPER_COLUMNS)
+        if reserved:
+            findings.append(Finding(str(path), reserved[0], "reserved-column-names", "error",
+                                    f"column name(s) {reserved} are reserved for validation helper "
+                                    "columns; rename them"))
+            continue
+        nested = [(col, gxe.non_scalar_rows(df[col])) for col in (*REQUIRED[table], RATING)
+                  if col in df.columns and isinstance(df[col], pd.Series)]
+        nested = [(col, rows) for col, rows in nested if rows]
+        for col, rows in nested:
+            findings.append(Finding(str(path), col, "scalar-values", "error",
+                                    f"'{col}' must hold plain text or numbers, not lists / structs; "
+                                    f"{len(rows)} of {len(df)} values are nested",
+                                    rows=[r + 1 for r in rows[:gxe.N_EXAMPLES]], count=len(rows)))
+        if not nested:
+            tables[table] = df
     return tables, files, findings
 
 
