@@ -1248,7 +1248,13 @@ def training_world(split: Split, p: dict, fit_df: pd.DataFrame | None = None,
         v = auto if value == "auto" else float(value or 0.0)
         return float(min(max(v, 0.0), cap))
 
-    item_share = share(p["cold_item_simulation"], float(np.mean(np.asarray(Xf.sum(axis=0)).ravel() == 0)))
+    # auto: the share of items the split holds out of training (the cold_items slice).  Items
+    # that are merely too rare to have a training row are not counted: their test rows are
+    # as rare (on ML-100K 34 such items have 41 test rows in all), whereas a simulated cold
+    # item keeps all its rows as labels, so counting them taught the ranker that "no history"
+    # means "very relevant" and sank the hybrid below popularity-aware CF.
+    held_out = split.slices.get("cold_items") or []
+    item_share = share(p["cold_item_simulation"], len(held_out) / max(Xf.shape[1], 1))
     user_share = share(p["cold_user_simulation"], float(np.mean(np.diff(Xf.indptr) <= cmax)))
     fit_items = np.unique(fit_df[ITEM].astype(str).to_numpy())
     n_ci = int(round(item_share * len(fit_items)))
@@ -1316,6 +1322,10 @@ def clone_model(model: Recommender) -> Recommender:
     """An unfitted model of the same class and hyper-parameters (for cross-fitting)."""
     from .recommenders.base import REGISTRY
 
+    if hasattr(model, "set_side_info"):  # e.g. the encoder: its fit needs features the fuse lacks
+        raise ValueError(f"fuse: source '{model.name}' cannot be re-fitted inside the fuse stage "
+                         f"(it needs side information); set fuse.cv_folds: 1 and "
+                         f"fuse.refit_sources: false, or leave it out with fuse.sources")
     return REGISTRY[model.name](**model.params)
 
 
@@ -1627,6 +1637,9 @@ def fuse(split: Split, fit_models: dict[str, Recommender], full_models: dict[str
     p = resolve_params(params)
     timings = {}
     t = time.perf_counter()
+    if p.get("sources"):  # only the selected sources are scored (and re-fitted)
+        fit_models = {n: m for n, m in fit_models.items() if n in set(p["sources"])}
+        full_models = {n: m for n, m in full_models.items() if n in set(p["sources"])}
     if set(fit_models) != set(full_models):
         raise ValueError(f"fusion: fit models {sorted(fit_models)} and full models "
                          f"{sorted(full_models)} differ: every source needs both variants")

@@ -638,3 +638,21 @@ def test_reasons_are_chunked_without_changing_them(blocks):
     i = rng.integers(0, len(blocks.item_ids), 200)
     assert ex.reasons(u, i, budget=7) == ex.reasons(u, i)
     assert len(ex.reasons(u[:0], i[:0])) == 0
+
+
+def test_auto_cold_item_simulation_follows_the_held_out_slice_not_rare_items(tmp_path):
+    # no held-out items: items that merely lack a training row (too rare) must not trigger a
+    # simulation that moves every row of popular items into the labels
+    split = blocks_split(tmp_path)
+    rare = split.train["item_id"].astype(str) == split.train["item_id"].astype(str).iloc[0]
+    split = Split(split.train[~rare.to_numpy()], split.test, split.users, split.items, split.slices)
+    X = split.interactions().matrix()
+    assert (np.asarray(X.sum(axis=0)).ravel() == 0).any() and not split.slices["cold_items"]
+    p = F.resolve_params({**FAST, "cold_item_simulation": "auto", "cold_user_simulation": 0.0})
+    assert F.training_world(split, p)["stats"]["cold_items"] == 0
+    # with a held-out slice, auto simulates about the same share of items
+    split = blocks_split(tmp_path / "b", cold_item_fraction=0.2)
+    w = F.training_world(split, p)
+    n_items = len(split.item_ids)
+    assert w["stats"]["item_share"] == pytest.approx(len(split.slices["cold_items"]) / n_items)
+    assert w["stats"]["cold_items"] > 0
