@@ -317,6 +317,8 @@ def probe_video(container) -> dict[str, Any]:
         raise MediaError("no-video-stream", "container has no video stream")
     st = container.streams.video[0]
     cc = st.codec_context
+    if cc is None:  # e.g. a moov atom cut inside the track: no codec parameters
+        raise MediaError("corrupt", "video stream without codec parameters")
     width, height = int(cc.width or 0), int(cc.height or 0)
     rate = st.average_rate or st.base_rate or st.guessed_rate
     fps = float(rate) if rate else 0.0
