@@ -58,6 +58,13 @@ clean:
 bench: venv
 	python -m pipelines.bench --data $(DATA) --out reports/bench.json
 
+# Scale benchmark: synthetic datasets of SIZES interactions (streamed by the generator), the whole
+# graph on each plus a +5% incremental rerun -> reports/bench-scale.json and reports/bench-scale.png
+SIZES ?= 1000000 5000000
+bench-scale: venv
+	nice -n 5 python -m pipelines.bench_scale --sizes $(SIZES) --workdir bench_runs/scale \
+		--out reports/bench-scale.json
+
 # Airflow 3 locally (SQLite, DAGs from dags/): prints the UI address and login.
 airflow: venv
 	scripts/airflow_local.sh

@@ -47,14 +47,22 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+LAST_CPU_SECONDS: list[float] = [0.0]  # user + system CPU seconds of the last run_stage
+
+
 def run_stage(cmd: str, cwd: Path, log) -> tuple[float, float, int]:
-    """Run one stage command; return (wall seconds, peak RSS MiB of the process tree root, rc)."""
+    """Run one stage command; return (wall seconds, peak RSS MiB of the process tree root, rc).
+
+    The process's user + system CPU seconds (all its threads) land in ``LAST_CPU_SECONDS[0]``:
+    on a shared machine they vary less with the load than the wall time.
+    """
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     t0 = time.perf_counter()
     proc = subprocess.Popen(shlex.split(cmd), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
+    LAST_CPU_SECONDS[0] = usage.ru_utime + usage.ru_stime
     return time.perf_counter() - t0, usage.ru_maxrss / 1024.0, proc.returncode
 
 
@@ -65,7 +73,7 @@ def run_protocol(data: Path, name: str, overrides: dict, workdir: Path,
     params = _merge(params, overrides)
     params["data"]["path"] = str(data.resolve())
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-    seconds, rss = {}, {}
+    seconds, rss, cpu = {}, {}, {}
     order = stages or [s for s in graph.topological() if s != "publish"]
     with open(workdir / "bench.log", "w", encoding="utf-8") as log:
         for stage_name in order:
@@ -79,8 +87,9 @@ def run_protocol(data: Path, name: str, overrides: dict, workdir: Path,
                 raise RuntimeError(f"[{name}] stage {stage_name} failed (exit {rc}); see {workdir}/bench.log")
             seconds[stage_name] = round(sec, 2)
             rss[stage_name] = round(mb, 1)
+            cpu[stage_name] = round(LAST_CPU_SECONDS[0], 2)
     metrics = json.loads((workdir / "reports/evaluate/metrics.json").read_text(encoding="utf-8"))
-    return {"metrics": metrics, "seconds": seconds, "peak_rss_mb": rss}
+    return {"metrics": metrics, "seconds": seconds, "peak_rss_mb": rss, "cpu_seconds": cpu}
 
 
 META_KEYS = ("seconds", "seconds_by_protocol", "peak_rss_mb", "machine")

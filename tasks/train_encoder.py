@@ -17,6 +17,10 @@ Outputs in ``--out``:
   features;
 * ``metrics.json``: best val recall, epochs, timings, device, resume info;
 * ``dvclive/``: training curves (train/loss, val/recall@K, val/ndcg@K per epoch);
+* warm start (``warm_start: true``): when ``--out`` already holds a model (the
+  output is ``persist`` under DVC) of the same architecture, training starts
+  from its weights (items aligned by id) and runs ``warm_epochs`` epochs;
+  ``metrics.json`` records ``warm_start`` (used or why not);
 * ``checkpoints/last/``: the per-epoch checkpoint.  Rerunning with the same
   params and data resumes from it (after a kill) or, once training finished,
   only re-exports.  Under ``dvc repro`` the output directory is removed before
@@ -78,12 +82,28 @@ def load_features(dirs: dict[str, str | os.PathLike | None], item_ids) -> dict:
     return out
 
 
+def previous_model(path: str | os.PathLike, params: dict | None) -> EncoderRecommender | None:
+    """The earlier run's saved model at ``path`` when ``warm_start`` is on and it loads."""
+    if not check_params(params)["warm_start"] or not (Path(path) / "config.json").is_file():
+        return None
+    try:
+        prev = EncoderRecommender.load(path)
+    except ValueError as exc:
+        log.warning("warm start: ignoring the previous model: %s", exc)
+        return None
+    return prev if isinstance(prev, EncoderRecommender) else None
+
+
 def train(split: Split, features: dict, params: dict, workdir: str | os.PathLike | None = None,
-          live=None) -> tuple[EncoderRecommender, dict]:
-    """Fit the encoder on ``split`` (train rows with their fold). Returns (model, metrics)."""
+          live=None, previous: EncoderRecommender | None = None) -> tuple[EncoderRecommender, dict]:
+    """Fit the encoder on ``split`` (train rows with their fold). Returns (model, metrics).
+
+    ``previous``: an earlier fitted encoder to warm-start from (used when compatible).
+    """
     p = check_params(params)
     data = split.interactions(None)
     model = EncoderRecommender(**p).set_side_info(features, split.users).set_run(workdir, live)
+    model.set_warm_start(previous)
     model.fit(data)
     info = dict(model.train_info_)
     metrics = {k: v for k, v in info.items() if k != "history"}
@@ -118,7 +138,8 @@ def main(argv=None) -> int:
             resume = (out / "checkpoints" / "last" / "state.json").is_file()
             live = Live(str(out / "dvclive"), resume=resume, save_dvc_exp=False, dvcyaml=None)
         try:
-            model, metrics = train(split, features, params, workdir=out, live=live)
+            previous = previous_model(out / "model", params)  # persist: the last run's output
+            model, metrics = train(split, features, params, workdir=out, live=live, previous=previous)
         finally:
             if live is not None:
                 live.end()
@@ -132,7 +153,7 @@ def main(argv=None) -> int:
     return run_main(body)
 
 
-__all__ = ["train", "check_params", "load_features", "main", "atomic_path"]
+__all__ = ["train", "previous_model", "check_params", "load_features", "main", "atomic_path"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

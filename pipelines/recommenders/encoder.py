@@ -58,6 +58,18 @@ weights.  CUDA is used when present (bf16 autocast, optional ``torch.compile``).
 A checkpoint is written atomically after every epoch (see
 :class:`Checkpointer`); a killed run resumes from it.
 
+Warm start (incremental retraining): :meth:`EncoderRecommender.set_warm_start`
+with an earlier fitted encoder of the same architecture initialises the new
+model from its weights: item tables are aligned by item id (new items keep a
+fresh init, and get content vectors through the modality projections anyway),
+attribute embeddings are copied (categorical vocabularies aligned by value;
+re-bucketed numeric columns and, when any column's encoding changed, the hashed
+crosses start afresh), all other weights are copied; training then runs ``warm_epochs`` epochs (cosine
+schedule over those) instead of ``epochs``.  New users need nothing: user
+vectors are computed from histories and attributes.  An incompatible earlier
+model (other architecture, modalities or feature sizes) means a cold start;
+``train_info_['warm_start']`` records which happened and why.
+
 Multi-GPU: launch the train_encoder stage with ``torchrun --nproc_per_node N
 -m tasks.train_encoder ...``; when ``WORLD_SIZE > 1`` every rank trains on its
 shard of users (``DistributedSampler``) inside ``DistributedDataParallel``
@@ -115,10 +127,13 @@ DEFAULTS: dict[str, Any] = {
     "lr_schedule": "cosine",      # constant | cosine (over ``epochs``, after ``warmup_epochs`` linear warm-up)
     "warmup_epochs": 0, "lr_min_ratio": 0.1,
     "samples_per_user": 3,        # training samples (random input/target splits) per user and epoch
+    "max_samples_per_epoch": 0,   # >0: at most this many samples per epoch (random users): bounds an epoch at scale
     "patience": 5, "eval_k": 20, "min_epochs": 1,
     "ema": 0.995,                 # >0: evaluate / export an exponential moving average of the weights
     "seed": 42, "device": "auto", "precision": "auto", "compile": False, "threads": 0,
     "deterministic": True, "max_train_seconds": 0,
+    # incremental retraining: start from the previous model (tasks.train_encoder reads it)
+    "warm_start": False, "warm_epochs": 3,
 }
 
 
@@ -700,6 +715,7 @@ class EncoderRecommender(Recommender):
         self.prior_vec_: np.ndarray | None = None
         self.weights_: dict[str, np.ndarray] = {}
         self.train_info_: dict = {}
+        self._warm: "EncoderRecommender | None" = None
 
     # ---- configuration ------------------------------------------------
     def set_side_info(self, features: dict[str, tuple[np.ndarray, np.ndarray] | None] | None = None,
@@ -707,6 +723,11 @@ class EncoderRecommender(Recommender):
         """``features``: {modality: (emb [n_items, d], present [n_items])} in catalogue order."""
         self._features = {m: v for m, v in (features or {}).items() if v is not None}
         self._users = users
+        return self
+
+    def set_warm_start(self, previous: "EncoderRecommender | None") -> "EncoderRecommender":
+        """Initialise the next ``fit`` from ``previous`` (an earlier fitted encoder), if compatible."""
+        self._warm = previous
         return self
 
     def set_run(self, workdir: str | os.PathLike | None = None, live=None) -> "EncoderRecommender":
@@ -753,6 +774,15 @@ class EncoderRecommender(Recommender):
         p = self.params
         arch = self._arch(data)
         self.params["_arch"] = arch
+        warm_info: dict = {"used": False, "reason": "no previous model"}
+        if self._warm is not None:
+            why = warm_incompatibility(self._warm, arch)
+            if why is None:
+                p["epochs"] = min(int(p["epochs"]), int(p["warm_epochs"]))
+                warm_info = {"used": True}
+            else:
+                warm_info = {"used": False, "reason": why}
+                log.info("warm start not possible (%s): training from scratch", why)
         dist = _dist_info()
         if dist["world"] > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -786,6 +816,9 @@ class EncoderRecommender(Recommender):
         torch.manual_seed(int(p["seed"]))
         model = build_module(arch)
         self._load_buffers(model, known)
+        if warm_info["used"]:
+            warm_info.update(warm_load(model, self._warm, data.item_ids, arch))
+            log.info("warm start: %s", warm_info)
         model.to(device)
         train_model = model
         if p["compile"] and device.type == "cuda":
@@ -831,6 +864,8 @@ class EncoderRecommender(Recommender):
             rng = np.random.default_rng([int(p["seed"]), epoch])
             torch.manual_seed(int(p["seed"]) * 100_003 + epoch)
             order = np.concatenate([rng.permutation(users_all) for _ in range(int(p["samples_per_user"]))])
+            if int(p["max_samples_per_epoch"]) > 0:  # a random subset (each user at most once first)
+                order = order[:int(p["max_samples_per_epoch"])]
             if dist["world"] > 1:
                 from torch.utils.data import DistributedSampler
 
@@ -917,7 +952,8 @@ class EncoderRecommender(Recommender):
                             f"best_val_recall@{int(p['eval_k'])}": float(state["best_metric"]),
                             "resumed_from_epoch": resumed_from, "history": state["history"],
                             "train_seconds": round(float(state["train_seconds"]), 2),
-                            "device": str(device), "world_size": dist["world"]}
+                            "device": str(device), "world_size": dist["world"],
+                            "warm_start": warm_info}
         self._model = model
 
     def _load_buffers(self, model, known: np.ndarray) -> None:
@@ -1019,6 +1055,74 @@ class EncoderRecommender(Recommender):
                                   torch.device("cpu"), None)
 
 
+# ---------------------------------------------------------------------------- warm start
+
+_WARM_ARCH_KEYS = ("d_model", "n_layers", "n_heads", "d_item", "head_mlp", "ff_mult", "max_len",
+                   "modalities", "modality_dims", "use_time", "use_rating", "attr_hash_buckets",
+                   "pool", "causal", "bag", "tie")
+_ITEM_TABLES = ("item_emb.weight", "id_bias.weight", "in_item_emb.weight")
+
+
+def warm_incompatibility(previous: "EncoderRecommender", arch: dict) -> str | None:
+    """Why ``previous`` cannot initialise a model of ``arch`` (None: it can)."""
+    old = (previous.params or {}).get("_arch")
+    if not old or not previous.weights_ or previous.item_ids is None:
+        return "previous model has no saved weights"
+    diff = [k for k in _WARM_ARCH_KEYS if old.get(k) != arch.get(k)]
+    if diff:
+        return "architecture differs in " + ", ".join(f"{k} ({old.get(k)} -> {arch.get(k)})"
+                                                      for k in diff)
+    return None
+
+
+def warm_load(model, previous: "EncoderRecommender", item_ids, arch: dict) -> dict:
+    """Copy ``previous``'s weights into ``model`` (item rows aligned by id). Returns counts."""
+    torch = _torch()
+    pos = pd.Index(np.asarray(previous.item_ids, dtype=object).astype(str)).get_indexer(
+        np.asarray(item_ids, dtype=object).astype(str))
+    hit = pos >= 0
+    new_rows = torch.as_tensor(np.nonzero(hit)[0] + 1)  # row 0 = padding
+    old_rows = torch.as_tensor(pos[hit] + 1)
+    old_spec = previous.params["_arch"].get("attr_spec", [])
+    spec = arch.get("attr_spec", [])
+    copied, skipped = 0, []
+    with torch.no_grad():
+        for k, t in model.state_dict().items():  # tensors share storage with the model
+            if k == "known" or k.startswith(("feat_", "present_")):
+                continue  # buffers from this run's data and features
+            if k not in previous.weights_:
+                skipped.append(k)
+                continue
+            old = torch.as_tensor(previous.weights_[k])
+            if k in _ITEM_TABLES:
+                t[new_rows] = old[old_rows].to(t.dtype)
+            elif k.startswith("attr_emb."):
+                j = int(k.split(".")[1])
+                o = old_spec[j] if j < len(old_spec) else None
+                if o == spec[j] and old.shape == t.shape:
+                    t.copy_(old)
+                elif o and o["name"] == spec[j]["name"] and o["kind"] == spec[j]["kind"] == "cat":
+                    # a grown vocabulary: rows aligned by value (row 0 = unknown)
+                    vpos = pd.Index(o["vocab"]).get_indexer(spec[j]["vocab"])
+                    vhit = np.nonzero(vpos >= 0)[0]
+                    t[0] = old[0].to(t.dtype)
+                    t[torch.as_tensor(vhit + 1)] = old[torch.as_tensor(vpos[vhit] + 1)].to(t.dtype)
+                else:
+                    skipped.append(k)
+                    continue
+            elif k.startswith("cross_emb.") and old_spec != spec:
+                skipped.append(k)
+                continue
+            elif tuple(old.shape) == tuple(t.shape):
+                t.copy_(old)
+            else:
+                skipped.append(k)
+                continue
+            copied += 1
+    return {"items_reused": int(hit.sum()), "new_items": int((~hit).sum()),
+            "tensors_copied": copied, "tensors_skipped": skipped}
+
+
 def _item_vectors(model, device) -> tuple[np.ndarray, np.ndarray]:
     torch = _torch()
     was = model.training
@@ -1036,19 +1140,23 @@ def _truth_keys(val_df: pd.DataFrame, n_items: int) -> np.ndarray:
 
 
 def _val_metrics(U: np.ndarray, V: np.ndarray, b: np.ndarray, hist_fit: _Histories,
-                 truth_keys: np.ndarray, k: int) -> dict[str, float]:
-    """Recall@k and NDCG@k on the val fold (fit items excluded), vectorised."""
+                 truth_keys: np.ndarray, k: int, batch_users: int = 2048) -> dict[str, float]:
+    """Recall@k and NDCG@k on the val fold (fit items excluded), vectorised over user batches
+    (memory: ``batch_users x n_items`` scores, whatever the number of users)."""
     n_items = len(V)
     users = np.unique(truth_keys // n_items)
-    scores = U[users, :-1] @ V.T + b[None]
-    seen_u = np.repeat(np.arange(len(hist_fit)), np.diff(hist_fit.offsets))
-    pos = pd.Index(users).get_indexer(seen_u)
-    ok = pos >= 0
-    scores[pos[ok], hist_fit.items[ok]] = -np.inf
     k = min(k, n_items)
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
-    top = np.take_along_axis(top, order, 1)
+    top = np.empty((len(users), k), np.int64)
+    for s in range(0, len(users), batch_users):
+        bu = users[s:s + batch_users]
+        scores = U[bu, :-1] @ V.T + b[None]
+        starts = hist_fit.offsets[bu]
+        lens = hist_fit.offsets[bu + 1] - starts
+        within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        scores[np.repeat(np.arange(len(bu)), lens), hist_fit.items[np.repeat(starts, lens) + within]] = -np.inf
+        t = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, t, 1), axis=1, kind="stable")
+        top[s:s + len(bu)] = np.take_along_axis(t, order, 1)
     hits = np.isin(users[:, None] * n_items + top, truth_keys)
     n_true = np.bincount(np.searchsorted(users, truth_keys // n_items), minlength=len(users))
     disc = 1.0 / np.log2(np.arange(2, k + 2))
@@ -1077,4 +1185,4 @@ def _dist_info() -> dict[str, int]:
 
 
 __all__ = ["EncoderRecommender", "DEFAULTS", "load_modality", "attribute_spec", "attribute_codes",
-           "build_module", "Checkpointer"]
+           "build_module", "Checkpointer", "warm_incompatibility", "warm_load"]

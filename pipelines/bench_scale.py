@@ -1,0 +1,309 @@
+"""Scale benchmark: the whole stage graph on synthetic datasets of growing size.
+
+``python -m pipelines.bench_scale --sizes 1000000 5000000 --workdir DIR --out reports/bench-scale.json``
+
+For each size (number of interactions) the project's generator streams a
+dataset (``python -m pipelines generate-demo ... --format parquet``) with the
+catalogue of :func:`catalogue` (users = size / 50; items grow with the square
+root of the size; images on, videos off), then every stage of the graph runs
+on it, in a fresh work directory, with the same commands as ``dvc.yaml``
+(:func:`pipelines.bench.run_protocol`): wall seconds and the peak RSS of each
+stage process are recorded.
+
+Incremental retraining (``--incremental``, default on): the dataset is cut
+into a *base* (95% of the interactions) and an *increment* (5%: every
+interaction of a few new users and new items, the rest the most recent
+interactions by timestamp).  The graph runs on the base, then reruns in the
+same work directory on the full dataset: the feature stages reuse the
+embeddings of unchanged items (content-hash cache), ``train_encoder`` and
+ALS warm-start from the previous outputs (``warm_start`` params), as
+``dvc repro`` does with the ``persist`` outputs.  The rerun's seconds per
+stage and its ratio to the full (cold) run on the full dataset are recorded.
+
+Output ``{size: {"seconds": {stage: s}, "peak_rss_mb": {stage: MiB},
+"cpu_seconds": {stage: user+system s}, "total_seconds", "total_cpu_seconds", "peak_rss_mb_max", "dataset": {...}, "generate_seconds",
+"incremental": {"base_seconds", "seconds", "total_seconds", "ratio", ...}},
+"machine": {...}}``, a log-log plot of time against interactions
+(``<out>.png``) and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import bench
+from .io import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+MEAN_PER_USER = 50.0  # mean interactions per user (log-normal activity)
+
+
+def catalogue(size: int, per_user: float = MEAN_PER_USER) -> dict:
+    """Users and items for ``size`` interactions.
+
+    Users grow linearly (``size / per_user``); the catalogue grows with the
+    square root of the size (``3 * sqrt(size)``, at least 200): 3,000 items at
+    1M interactions, 6,708 at 5M, like a service whose users grow faster than
+    its catalogue.  Every item has text and a 64 px poster; videos are off.
+    """
+    users = max(50, int(round(size / per_user)))
+    items = max(200, int(round(3.0 * math.sqrt(size))))
+    return {"users": users, "items": items, "interactions_per_user": per_user,
+            "images": True, "videos": False}
+
+
+def generate(size: int, out: Path, log, seed: int = 0) -> dict:
+    cat = catalogue(size)
+    cmd = (f"python -m pipelines generate-demo --out {out} --users {cat['users']} "
+           f"--items {cat['items']} --interactions {cat['interactions_per_user']} "
+           f"--seed {seed} --no-videos --format parquet")
+    log.write(f"$ {cmd}\n")
+    log.flush()
+    sec, mb, rc = bench.run_stage(cmd, ROOT, log)
+    if rc != 0:
+        raise RuntimeError(f"generate-demo failed (exit {rc}) for size {size}; see the log")
+    return {**cat, "generate_seconds": round(sec, 2), "generate_peak_rss_mb": round(mb, 1)}
+
+
+def split_increment(full: Path, base: Path, share: float = 0.05, new_share: float = 0.01,
+                    seed: int = 0) -> dict:
+    """Write ``base``: ``full`` without its latest ``share`` of interactions.
+
+    The increment holds every interaction of ``new_share`` of the users and of
+    the items (chosen at random: they are absent from the base tables) and,
+    to make up ``share``, the most recent remaining interactions.  Images are
+    hard links (the validator rejects symlinks leaving the dataset).
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    r = pq.read_table(full / "ratings.parquet").to_pandas()
+    items = pd.read_parquet(full / "items.parquet")
+    users = pd.read_parquet(full / "users.parquet")
+    rng = np.random.default_rng([seed, 7])
+    new_items = set(rng.choice(items["item_id"].to_numpy(), max(1, int(len(items) * new_share)),
+                               replace=False))
+    new_users = set(rng.choice(users["user_id"].to_numpy(), max(1, int(len(users) * new_share)),
+                               replace=False))
+    new = r["item_id"].isin(new_items).to_numpy() | r["user_id"].isin(new_users).to_numpy()
+    quota = int(round(share * len(r))) - int(new.sum())
+    if quota > 0:
+        ts = r["timestamp"].to_numpy()
+        rest = np.nonzero(~new)[0]
+        latest = rest[np.argsort(ts[rest], kind="stable")[len(rest) - quota:]]
+        new[latest] = True
+    if base.exists():
+        shutil.rmtree(base)
+    base.mkdir(parents=True)
+    r[~new].to_parquet(base / "ratings.parquet", index=False)
+    items[~items["item_id"].isin(new_items)].to_parquet(base / "items.parquet", index=False)
+    users[~users["user_id"].isin(new_users)].to_parquet(base / "users.parquet", index=False)
+    if (full / "images").is_dir():
+        (base / "images").mkdir()
+        keep = items.loc[~items["item_id"].isin(new_items), "image"].dropna()
+        for rel in keep:
+            os.link(full / rel, base / rel)
+    return {"n_base": int((~new).sum()), "n_increment": int(new.sum()),
+            "increment_share": round(float(new.mean()), 4), "new_items": len(new_items),
+            "new_users": len(new_users)}
+
+
+def _total(seconds: dict) -> float:
+    return round(float(sum(seconds.values())), 2)
+
+
+def run_size(size: int, workdir: Path, params: Path, incremental: bool, log) -> dict:
+    data_dir = workdir / f"data-{size}"
+    ds = generate(size, data_dir, log)
+    print(f"[{size}] generated in {ds['generate_seconds']} s", file=sys.stderr, flush=True)
+    proto = bench.PROTOCOLS["stratified"]
+    full = bench.run_protocol(data_dir, f"{size}", proto, workdir / f"run-{size}", params)
+    res = {"seconds": full["seconds"], "peak_rss_mb": full["peak_rss_mb"],
+           "cpu_seconds": full["cpu_seconds"], "total_seconds": _total(full["seconds"]),
+           "total_cpu_seconds": _total(full["cpu_seconds"]),
+           "peak_rss_mb_max": max(full["peak_rss_mb"].values()),
+           "dataset": ds, "ndcg@10": _primary(full["metrics"])}
+    if incremental:
+        base_dir = workdir / f"data-{size}-base"
+        inc = split_increment(data_dir, base_dir)
+        wd = workdir / f"inc-{size}"
+        base = bench.run_protocol(base_dir, f"{size}-base", proto, wd, params)
+        rerun = bench.run_protocol(data_dir, f"{size}-incremental", proto, wd, params)
+        res["incremental"] = {
+            **inc, "base_seconds": base["seconds"], "base_total_seconds": _total(base["seconds"]),
+            "seconds": rerun["seconds"], "peak_rss_mb": rerun["peak_rss_mb"],
+            "cpu_seconds": rerun["cpu_seconds"], "total_seconds": _total(rerun["seconds"]),
+            "total_cpu_seconds": _total(rerun["cpu_seconds"]),
+            "ratio": round(_total(rerun["seconds"]) / max(res["total_seconds"], 1e-9), 3),
+            "cpu_ratio": round(_total(rerun["cpu_seconds"]) / max(res["total_cpu_seconds"], 1e-9), 3),
+            "ndcg@10": _primary(rerun["metrics"]),
+            "reuse": _reuse(wd)}
+    return res
+
+
+def _primary(metrics: dict) -> dict:
+    return {m: round(float(v.get("all", {}).get("ndcg@10", float("nan"))), 4)
+            for m, v in metrics.items() if isinstance(v, dict)}
+
+
+def _reuse(wd: Path) -> dict:
+    """What the rerun reused: feature cache hits, encoder/ALS warm starts."""
+    out = {}
+    for st in ("preprocess_text", "preprocess_image"):
+        f = wd / "artifacts" / st / "summary.json"
+        if f.is_file():
+            s = json.loads(f.read_text(encoding="utf-8"))
+            out[st] = {k: s.get(k) for k in ("n_items", "n_encoded", "n_reused_from_cache")
+                       if k in s}
+    m = wd / "artifacts" / "train_encoder" / "metrics.json"
+    if m.is_file():
+        s = json.loads(m.read_text(encoding="utf-8"))
+        out["train_encoder"] = {k: s.get(k) for k in ("warm_start", "epochs_run", "train_seconds")}
+    f = wd / "artifacts" / "fit_cf" / "summary.json"
+    if f.is_file():
+        out["fit_cf"] = json.loads(f.read_text(encoding="utf-8")).get("warm_start")
+    return out
+
+
+def table(result: dict) -> str:
+    """Markdown: per stage wall s, CPU s (user + system) and peak RSS per size; incremental runs."""
+    sizes = sorted((k for k in result if k.isdigit()), key=int)
+    stages = []
+    for s in sizes:
+        for st in result[s]["seconds"]:
+            if st not in stages:
+                stages.append(st)
+    head = "| stage | " + " | ".join(f"{int(s):,}: wall s | CPU s | RSS MiB" for s in sizes) + " |"
+    lines = [head, "|---|" + "---:|---:|---:|" * len(sizes)]
+    nan = float("nan")
+    for st in stages:
+        cells = []
+        for s in sizes:
+            r = result[s]
+            cells += [f"{r['seconds'].get(st, nan):.1f}", f"{r.get('cpu_seconds', {}).get(st, nan):.1f}",
+                      f"{r['peak_rss_mb'].get(st, nan):.0f}"]
+        lines.append(f"| {st} | " + " | ".join(cells) + " |")
+    lines.append("| **total** | " + " | ".join(
+        f"**{result[s]['total_seconds']:.1f}** | **{result[s].get('total_cpu_seconds', nan):.1f}** | "
+        f"**{result[s]['peak_rss_mb_max']:.0f}** (max)" for s in sizes) + " |")
+    if any("incremental" in result[s] for s in sizes):
+        lines.append("")
+        lines.append("| size | full run wall s (CPU s) | +5% rerun wall s (CPU s) | ratio wall (CPU) "
+                     "| rerun stages wall s |")
+        lines.append("|---:|---:|---:|---:|---|")
+        for s in sizes:
+            inc = result[s].get("incremental")
+            if inc:
+                per = ", ".join(f"{k} {v:.0f}" for k, v in inc["seconds"].items())
+                lines.append(f"| {int(s):,} | {result[s]['total_seconds']:.0f} "
+                             f"({result[s].get('total_cpu_seconds', nan):.0f}) | "
+                             f"{inc['total_seconds']:.0f} ({inc.get('total_cpu_seconds', nan):.0f}) | "
+                             f"{inc['ratio']:.2f} ({inc.get('cpu_ratio', nan):.2f}) | {per} |")
+    if len(sizes) >= 2:
+        a, b = sizes[0], sizes[-1]
+        ra, rb = result[a], result[b]
+        lines.append(f"\ntime({int(b):,}) / time({int(a):,}) = "
+                     f"{rb['total_seconds'] / ra['total_seconds']:.2f} wall, "
+                     f"{rb.get('total_cpu_seconds', nan) / ra.get('total_cpu_seconds', nan):.2f} CPU "
+                     f"for {int(b) / int(a):.1f}x the interactions")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> tuple[str, str]:
+    """Log-log PNG of wall seconds against interactions (total, per stage, incremental)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted((k for k in result if k.isdigit()), key=int)
+    x = np.array([int(s) for s in sizes], float)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.loglog(x, [result[s]["total_seconds"] for s in sizes], "o-", lw=2.5, label="total")
+    stages = sorted({st for s in sizes for st in result[s]["seconds"]})
+    for st in stages:
+        y = [result[s]["seconds"].get(st, np.nan) for s in sizes]
+        ax.loglog(x, y, ".--", lw=1, label=st)
+    if len(x) >= 1:  # linear reference through the first total
+        ref = result[sizes[0]]["total_seconds"] * x / x[0]
+        ax.loglog(x, ref, ":", color="grey", label="linear (slope 1)")
+    inc = [(int(s), result[s]["incremental"]["total_seconds"]) for s in sizes
+           if "incremental" in result[s]]
+    if inc:
+        ax.loglog(*zip(*inc), "s", color="black", label="+5% incremental rerun")
+    ax.set_xlabel("interactions")
+    ax.set_ylabel("wall seconds")
+    ax.set_title("mmrec stage graph on 2 CPU cores")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    scales = (ax.get_xscale(), ax.get_yscale())
+    plt.close(fig)
+    return scales
+
+
+def machine() -> dict:
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version()}
+    try:
+        info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    try:
+        mem = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
+        info["mem_total_gib"] = round(int(mem) / 2**20, 1)
+    except (OSError, IndexError, ValueError):
+        pass
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.bench_scale", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", type=int, default=[1_000_000, 5_000_000])
+    ap.add_argument("--workdir", default="bench_runs/scale")
+    ap.add_argument("--out", default="reports/bench-scale.json")
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--no-incremental", dest="incremental", action="store_false")
+    ap.add_argument("--incremental-sizes", nargs="*", type=int, default=None,
+                    help="sizes that also get the +5%% incremental rerun (default: all)")
+    ap.add_argument("--keep", action="store_true", help="keep the datasets and work directories")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    result: dict = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    with open(workdir / "bench-scale.log", "a", encoding="utf-8") as log:
+        for size in args.sizes:
+            t0 = time.perf_counter()
+            inc = args.incremental and (args.incremental_sizes is None
+                                        or size in args.incremental_sizes)
+            result[str(size)] = run_size(size, workdir, Path(args.params), inc, log)
+            result[str(size)]["wall_seconds"] = round(time.perf_counter() - t0, 1)
+            result[str(size)]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+            result["machine"] = {**machine(), "loadavg_at_start": load_start}
+            write_json(out, result)  # after every size: a later failure keeps the earlier ones
+            plot(result, out.with_suffix(".png"))
+            if not args.keep:
+                for name in (f"data-{size}", f"data-{size}-base", f"run-{size}", f"inc-{size}"):
+                    shutil.rmtree(workdir / name, ignore_errors=True)
+    print(table(result))
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""Scale benchmark helpers: catalogue sizing, the +5% increment cut, table and plot."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from pipelines import bench_scale, demo
+
+
+def test_catalogue_grows_users_linearly_and_items_sublinearly():
+    a, b = bench_scale.catalogue(1_000_000), bench_scale.catalogue(5_000_000)
+    assert a["users"] == 20_000 and b["users"] == 100_000
+    assert a["items"] == 3000 and 3000 < b["items"] < 5 * 3000
+    assert a["images"] and not a["videos"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    demo.generate(root / "full", n_users=200, n_items=80, interactions_per_user=20, with_videos=False,
+                  image_size=32, fmt="parquet")
+    return root
+
+
+def test_split_increment_holds_out_new_users_items_and_the_latest_rows(dataset):
+    full, base = dataset / "full", dataset / "base"
+    info = bench_scale.split_increment(full, base, share=0.05, new_share=0.02)
+    r_full = pd.read_parquet(full / "ratings.parquet")
+    r_base = pd.read_parquet(base / "ratings.parquet")
+    assert info["n_base"] == len(r_base) and info["n_base"] + info["n_increment"] == len(r_full)
+    assert abs(info["increment_share"] - 0.05) < 0.01
+    items_full = pd.read_parquet(full / "items.parquet")
+    items_base = pd.read_parquet(base / "items.parquet")
+    users_base = pd.read_parquet(base / "users.parquet")
+    new_items = set(items_full["item_id"]) - set(items_base["item_id"])
+    new_users = set(pd.read_parquet(full / "users.parquet")["user_id"]) - set(users_base["user_id"])
+    assert len(new_items) == info["new_items"] == 1 and len(new_users) == info["new_users"] == 4
+    assert not r_base["item_id"].isin(new_items).any() and not r_base["user_id"].isin(new_users).any()
+    # the rest of the increment is the most recent interactions of the other users and items
+    old = r_full[~r_full["item_id"].isin(new_items) & ~r_full["user_id"].isin(new_users)]
+    held = old.merge(r_base, how="left", indicator=True)
+    held = held[held["_merge"] == "left_only"]
+    assert len(held) > 0 and held["timestamp"].min() >= r_base["timestamp"].max()
+    # base images: every base item's poster, hard-linked, none of the new items'
+    for rel in items_base["image"].dropna():
+        assert (base / rel).is_file() and not (base / rel).is_symlink()
+    for rel in items_full.loc[items_full["item_id"].isin(new_items), "image"].dropna():
+        assert not (base / rel).exists()
+
+
+def _fake(sizes, totals, inc_total=None):
+    out = {}
+    for s, t in zip(sizes, totals):
+        out[str(s)] = {"seconds": {"split": t * 0.25, "fit_cf": t * 0.75},
+                       "cpu_seconds": {"split": t * 0.2, "fit_cf": t * 0.6},
+                       "peak_rss_mb": {"split": 100.0, "fit_cf": 300.0}, "total_seconds": t,
+                       "total_cpu_seconds": t * 0.8, "peak_rss_mb_max": 300.0}
+        if inc_total is not None:
+            out[str(s)]["incremental"] = {"seconds": {"split": 1.0, "fit_cf": inc_total - 1.0},
+                                          "total_seconds": inc_total, "ratio": inc_total / t,
+                                          "total_cpu_seconds": inc_total, "cpu_ratio": inc_total / t}
+    return out
+
+
+def test_table_and_plot(tmp_path):
+    res = _fake([1000, 5000], [10.0, 40.0], inc_total=3.0)
+    res["machine"] = {"cpu_count": 2}
+    text = bench_scale.table(res)
+    assert "| fit_cf | 7.5 | 6.0 | 300 | 30.0 | 24.0 | 300 |" in text
+    assert "time(5,000) / time(1,000) = 4.00 wall" in text
+    assert "| 1,000 | 10 (8) | 3 (3) | 0.30 (0.30)" in text
+    png = tmp_path / "b.png"
+    assert bench_scale.plot(res, png) == ("log", "log")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    json.dumps(res)  # what main() writes
