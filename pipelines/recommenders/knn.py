@@ -59,7 +59,8 @@ def feature_weight(X: sp.csr_matrix, method: str = "none", k1: float = 1.2,
 
 
 def cosine_topk(X: sp.csr_matrix, neighbors: int, shrink: float = 0.0,
-                block: int | None = None, alpha: float = 0.5) -> sp.csr_matrix:
+                block: int | None = None, alpha: float = 0.5,
+                candidates: np.ndarray | None = None) -> sp.csr_matrix:
     """Column-wise top-``neighbors`` cosine similarity between columns of X.
 
     Returns a CSR matrix S (n_cols x n_cols) where column j holds the
@@ -68,6 +69,11 @@ def cosine_topk(X: sp.csr_matrix, neighbors: int, shrink: float = 0.0,
     cosine (the norm of the neighbour i is raised to ``2 alpha``, that of the
     target j to ``2 (1 - alpha)``).  ``block`` (columns per dense block)
     defaults to what fits a 256 MiB scratch budget.
+
+    ``candidates`` (column indices): only these columns may be neighbours.  The
+    cost is then ``n_cols x len(candidates)`` instead of ``n_cols^2``: linear in
+    the number of columns for a fixed candidate pool (used by user-kNN on
+    large user bases, where the pool is the most active users).
     """
     if neighbors < 1:
         raise ValueError(f"neighbors must be >= 1, got {neighbors}")
@@ -77,33 +83,45 @@ def cosine_topk(X: sp.csr_matrix, neighbors: int, shrink: float = 0.0,
         raise ValueError(f"shrink must be >= 0, got {shrink}")
     X = sp.csc_matrix(X, dtype=np.float32)
     n = X.shape[1]
+    cand = None if candidates is None else np.unique(np.asarray(candidates, dtype=np.int64))
+    if cand is not None and (len(cand) == 0 or cand[0] < 0 or cand[-1] >= n):
+        raise ValueError(f"candidates must be non-empty column indices in [0, {n})")
+    m = n if cand is None else len(cand)  # columns of each dense block
     if block is None:
-        block = int(max(1, min(4096, _BLOCK_BYTES // (12 * max(n, 1)))))
+        block = int(max(1, min(4096, _BLOCK_BYTES // (12 * max(m, 1)))))
     sq = np.asarray(X.multiply(X).sum(axis=0), dtype=np.float64).ravel()
     sq[sq == 0] = 1.0  # an empty column has zero dot products anyway: avoid 0/0
     left = np.power(sq, alpha).astype(np.float32)  # neighbour side (rows of S)
     right = np.power(sq, 1.0 - alpha).astype(np.float32)  # target side (columns of S)
     Xt = X.T.tocsr()  # n x features: row slices are cheap
+    Xn = X if cand is None else X[:, cand]  # the possible neighbours
+    left_n = left if cand is None else left[cand]
     rows, cols, vals = [], [], []
-    k = min(neighbors, max(n - 1, 1))
+    k = min(neighbors, max(n - 1, 1)) if cand is None else min(neighbors, m)
     for start in range(0, n, block):
         stop = min(start + block, n)
         b = stop - start
         # one row per target column j, one column per candidate neighbour i (contiguous rows)
-        sims = (Xt[start:stop] @ X).toarray()  # b x n, float32
-        denom = np.multiply.outer(right[start:stop], left)
+        sims = (Xt[start:stop] @ Xn).toarray()  # b x m, float32
+        denom = np.multiply.outer(right[start:stop], left_n)
         if shrink:
             denom += np.float32(shrink)
         np.divide(sims, denom, out=sims)
         del denom
-        sims[np.arange(b), start + np.arange(b)] = 0.0
-        if k < n:
-            top = np.argpartition(sims, n - k, axis=1)[:, n - k:]  # b x k
+        if cand is None:
+            sims[np.arange(b), start + np.arange(b)] = 0.0
+        else:  # a column is not its own neighbour
+            tgt = np.arange(start, stop)
+            pos = np.minimum(np.searchsorted(cand, tgt), m - 1)
+            self_hit = cand[pos] == tgt
+            sims[np.nonzero(self_hit)[0], pos[self_hit]] = 0.0
+        if k < m:
+            top = np.argpartition(sims, m - k, axis=1)[:, m - k:]  # b x k
         else:
-            top = np.broadcast_to(np.arange(n), (b, n))
+            top = np.broadcast_to(np.arange(m), (b, m))
         tv = np.take_along_axis(sims, top, axis=1)
         keep = tv > 0
-        rows.append(top[keep])
+        rows.append(top[keep] if cand is None else cand[top[keep]])
         cols.append(np.broadcast_to(np.arange(start, stop)[:, None], top.shape)[keep])
         vals.append(tv[keep])
     if not vals:
