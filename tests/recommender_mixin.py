@@ -16,6 +16,12 @@ Class attributes switch off checks that do not apply to a model:
   training interaction (content-based models);
 * ``validates_state = False``: ``_set_state`` does not check array shapes.
 
+:class:`ArtifactContract` is the persistence half alone (round trip without
+pickle; ``TAMPER_CASES``: every saved file truncated, bit-flipped, edited,
+removed or replaced by a pickle payload must fail with a ``ValueError`` naming
+the file, and the payload must never run), for models whose behaviour is
+tested elsewhere (the encoder).
+
 Also home of :func:`ml100k_split`, the per-user random 75/25 split used by
 the slow integration tests on the shared ml100k-mm dataset.
 """
@@ -23,7 +29,10 @@ the slow integration tests on the shared ml100k-mm dataset.
 from __future__ import annotations
 
 import functools
+import io
 import json
+import pickle
+import struct
 
 import numpy as np
 import pandas as pd
@@ -62,12 +71,116 @@ def group_of(user_id: str) -> str:
     return str(user_id)[1]
 
 
-class RecommenderContract:
-    """Mixin of contract tests; subclasses implement :meth:`make_model`."""
+# ---- tampering ------------------------------------------------------------
 
-    planted = True
-    cold_user_popularity = True
-    cold_items_unscorable = True
+class _Payload:
+    """Unpickling this creates ``marker``: proof of code execution if it ever exists."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _edit_config(fn):
+    def tamper(saved, _marker):
+        f = saved / "config.json"
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+        out = fn(cfg)
+        f.write_text(out if isinstance(out, str) else json.dumps(out), encoding="utf-8")
+        return "config.json"
+    return tamper
+
+
+def _write(name: str, make):
+    def tamper(saved, marker):
+        f = saved / name
+        f.write_bytes(make(f.read_bytes(), marker))
+        return name
+    return tamper
+
+
+def _flip(raw: bytes, at: float, n: int = 8) -> bytes:
+    out = bytearray(raw)
+    i = int(len(out) * at)
+    for k in range(i, min(i + n, len(out))):
+        out[k] ^= 0xA5
+    return bytes(out)
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _drop(name: str):
+    def tamper(saved, _marker):
+        (saved / name).unlink()
+        return name
+    return tamper
+
+
+def _huge_header(raw: bytes, _marker) -> bytes:
+    return struct.pack("<Q", 2**60) + raw[8:]  # header length claims an exabyte
+
+
+def _wrong_seen_shape(raw: bytes, _marker) -> bytes:
+    import scipy.sparse as sp
+
+    m = sp.load_npz(io.BytesIO(raw)).tocsr()
+    buf = io.BytesIO()
+    sp.save_npz(buf, sp.csr_matrix((m.shape[0] + 3, m.shape[1])))
+    return buf.getvalue()
+
+
+def _bad_seen_indices(raw: bytes, _marker) -> bytes:
+    import scipy.sparse as sp
+
+    m = sp.load_npz(io.BytesIO(raw)).tocsr()
+    indices = m.indices.copy()
+    indices[0] = m.shape[1] + 1000  # column outside the catalogue
+    return _npz(format=np.array("csr"), shape=np.array(m.shape), data=m.data, indices=indices,
+                indptr=m.indptr)
+
+
+# case -> tamper(saved_dir, marker) -> name of the tampered file
+TAMPER_CASES = {
+    "config-not-json": _write("config.json", lambda raw, m: b"\x00\x01 not json {"),
+    "config-truncated": _write("config.json", lambda raw, m: raw[: len(raw) // 2]),
+    "config-utf16": _write("config.json", lambda raw, m: raw.decode().encode("utf-16")),
+    "config-not-an-object": _edit_config(lambda c: [c]),
+    "config-unknown-model": _edit_config(lambda c: {**c, "model": "os.system"}),
+    "config-params-not-a-dict": _edit_config(lambda c: {**c, "params": ["__import__('os')"]}),
+    "config-user-ids-not-a-list": _edit_config(lambda c: {**c, "user_ids": 42}),
+    "config-item-ids-missing": _edit_config(lambda c: {k: v for k, v in c.items() if k != "item_ids"}),
+    "config-one-user-fewer": _edit_config(lambda c: {**c, "user_ids": c["user_ids"][:-1]}),
+    "config-one-item-more": _edit_config(lambda c: {**c, "item_ids": c["item_ids"] + ["intruder"]}),
+    "config-missing": _drop("config.json"),
+    "npz-flipped-bytes": _write("seen.npz", lambda raw, m: _flip(raw, 0.5)),
+    "npz-truncated": _write("seen.npz", lambda raw, m: raw[: len(raw) * 2 // 3]),
+    "npz-pickle-payload": _write("seen.npz", lambda raw, m: pickle.dumps(_Payload(m))),
+    "npz-object-array": _write("seen.npz", lambda raw, m: _npz(
+        format=np.array([_Payload(m)], dtype=object), shape=np.array([1, 1]))),
+    "npz-wrong-shape": _write("seen.npz", _wrong_seen_shape),
+    "npz-column-out-of-range": _write("seen.npz", _bad_seen_indices),
+    "npz-missing": _drop("seen.npz"),
+    "safetensors-pickle-payload": _write("arrays.safetensors", lambda raw, m: pickle.dumps(_Payload(m))),
+    "safetensors-header-flipped": _write("arrays.safetensors", lambda raw, m: raw[:8]
+                                         + _flip(raw[8:], 0.0, 40)),
+    "safetensors-huge-header-length": _write("arrays.safetensors", _huge_header),
+    "safetensors-missing": _drop("arrays.safetensors"),
+}
+
+
+class ArtifactContract:
+    """Persistence half of the contract: save/load round trip without pickle, and tampered
+    artifacts rejected with a ``ValueError`` naming the file, never code execution.
+
+    Subclasses implement :meth:`make_model`; :class:`RecommenderContract` includes it.
+    """
+
     validates_state = True
 
     def make_model(self) -> Recommender:  # pragma: no cover - hook
@@ -87,6 +200,84 @@ class RecommenderContract:
         path = tmp_path / "model"
         model.save(path)
         return path
+
+    # ---- persistence --------------------------------------------------
+    def test_save_load_roundtrip(self, model, data, saved):
+        files = [p for p in saved.rglob("*") if p.is_file()]
+        assert files and all(p.suffix in {".json", ".safetensors", ".npz"} for p in files), files
+        for p in files:
+            if p.suffix == ".npz":
+                with np.load(p, allow_pickle=False) as z:
+                    for key in z.files:
+                        assert z[key].dtype != object
+            elif p.suffix == ".json":
+                json.loads(p.read_text(encoding="utf-8"))
+        users = list(data.user_ids) + ["unknown"]
+        r0, s0 = model.recommend(users, k=7, return_scores=True)
+        for loader in (type(model), Recommender):
+            loaded = loader.load(saved)
+            assert type(loaded) is type(model) and loaded.params == model.params
+            r1, s1 = loaded.recommend(users, k=7, return_scores=True)
+            assert np.array_equal(r0, r1)
+            np.testing.assert_array_equal(s0, s1)
+
+    @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+    def test_corrupt_arrays_file_fails_load(self, saved, damage):
+        f = saved / "arrays.safetensors"
+        raw = f.read_bytes()
+        f.write_bytes({"garbage": b"\x07not a safetensors file" * 8,
+                       "truncated": raw[: len(raw) // 2],
+                       "empty": b""}[damage])
+        with pytest.raises(ValueError, match=str(saved)):
+            type(self.make_model()).load(saved)
+
+    @pytest.mark.parametrize("damage", ["garbage", "truncated"])
+    def test_corrupt_seen_file_fails_load(self, saved, damage):
+        f = saved / "seen.npz"
+        raw = f.read_bytes()
+        f.write_bytes(b"\x07not a zip file" * 8 if damage == "garbage" else raw[: len(raw) // 2])
+        with pytest.raises(ValueError, match=str(saved)):
+            Recommender.load(saved)
+
+    def test_missing_array_fails_load(self, saved):
+        f = saved / "arrays.safetensors"
+        arrays = load_file(str(f))
+        dropped = sorted(arrays)[0]
+        save_file({k: v for k, v in arrays.items() if k != dropped}, str(f))
+        with pytest.raises(ValueError, match=str(saved)):
+            Recommender.load(saved)
+
+    def test_inconsistent_arrays_fail_load(self, saved):
+        if not self.validates_state:
+            pytest.skip("model does not validate its state arrays")
+        f = saved / "arrays.safetensors"
+        arrays = load_file(str(f))
+        # every array cut to half its first dimension: a well-formed file with wrong content
+        save_file({k: np.ascontiguousarray(v[: len(v) // 2]) for k, v in arrays.items()}, str(f))
+        with pytest.raises(ValueError, match=str(saved)):
+            Recommender.load(saved)
+
+    # ---- tampered artifacts ---------------------------------------------
+    @pytest.mark.parametrize("case", sorted(TAMPER_CASES))
+    def test_tampered_artifact_fails_with_an_error_naming_the_file(self, saved, tmp_path, case):
+        """Every tampered file: ValueError naming it; a pickle payload is never executed."""
+        marker = tmp_path / "pwned"
+        victim = TAMPER_CASES[case](saved, marker)
+        loaders = (type(self.make_model()), Recommender)
+        for loader in loaders:
+            with pytest.raises(ValueError) as info:
+                loader.load(saved)
+            msg = str(info.value)
+            assert str(saved / victim) in msg, f"{case}: error does not name {victim}: {msg}"
+        assert not marker.exists(), f"{case}: a pickle payload was executed"
+
+
+class RecommenderContract(ArtifactContract):
+    """Mixin of contract tests; subclasses implement :meth:`make_model`."""
+
+    planted = True
+    cold_user_popularity = True
+    cold_items_unscorable = True
 
     @staticmethod
     def active_users(data: Interactions) -> list[str]:
@@ -176,62 +367,6 @@ class RecommenderContract:
         rb, sb = b.recommend(users, k=8, return_scores=True)
         assert np.array_equal(ra, rb)
         np.testing.assert_array_equal(sa, sb)
-
-    # ---- persistence --------------------------------------------------
-    def test_save_load_roundtrip(self, model, data, saved):
-        files = [p for p in saved.rglob("*") if p.is_file()]
-        assert files and all(p.suffix in {".json", ".safetensors", ".npz"} for p in files), files
-        for p in files:
-            if p.suffix == ".npz":
-                with np.load(p, allow_pickle=False) as z:
-                    for key in z.files:
-                        assert z[key].dtype != object
-            elif p.suffix == ".json":
-                json.loads(p.read_text(encoding="utf-8"))
-        users = list(data.user_ids) + ["unknown"]
-        r0, s0 = model.recommend(users, k=7, return_scores=True)
-        for loader in (type(model), Recommender):
-            loaded = loader.load(saved)
-            assert type(loaded) is type(model) and loaded.params == model.params
-            r1, s1 = loaded.recommend(users, k=7, return_scores=True)
-            assert np.array_equal(r0, r1)
-            np.testing.assert_array_equal(s0, s1)
-
-    @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
-    def test_corrupt_arrays_file_fails_load(self, saved, damage):
-        f = saved / "arrays.safetensors"
-        raw = f.read_bytes()
-        f.write_bytes({"garbage": b"\x07not a safetensors file" * 8,
-                       "truncated": raw[: len(raw) // 2],
-                       "empty": b""}[damage])
-        with pytest.raises(ValueError, match=str(saved)):
-            type(self.make_model()).load(saved)
-
-    @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-    def test_corrupt_seen_file_fails_load(self, saved, damage):
-        f = saved / "seen.npz"
-        raw = f.read_bytes()
-        f.write_bytes(b"\x07not a zip file" * 8 if damage == "garbage" else raw[: len(raw) // 2])
-        with pytest.raises(ValueError, match=str(saved)):
-            Recommender.load(saved)
-
-    def test_missing_array_fails_load(self, saved):
-        f = saved / "arrays.safetensors"
-        arrays = load_file(str(f))
-        dropped = sorted(arrays)[0]
-        save_file({k: v for k, v in arrays.items() if k != dropped}, str(f))
-        with pytest.raises(ValueError, match=str(saved)):
-            Recommender.load(saved)
-
-    def test_inconsistent_arrays_fail_load(self, saved):
-        if not self.validates_state:
-            pytest.skip("model does not validate its state arrays")
-        f = saved / "arrays.safetensors"
-        arrays = load_file(str(f))
-        # every array cut to half its first dimension: a well-formed file with wrong content
-        save_file({k: np.ascontiguousarray(v[: len(v) // 2]) for k, v in arrays.items()}, str(f))
-        with pytest.raises(ValueError, match=str(saved)):
-            Recommender.load(saved)
 
 
 # ---- integration split ---------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -124,25 +125,69 @@ class Recommender(ABC):
 
     @classmethod
     def load(cls, path: str | Path) -> "Recommender":
+        """Load a model saved by :meth:`save`; never unpickles anything.
+
+        Every file is checked (config structure and types, ``seen.npz`` a valid CSR
+        matrix of shape users x items, arrays consistent with the ids); any problem,
+        tampering included, raises ``ValueError`` naming the file.
+        """
         path = Path(path)
+        current = path / "config.json"
         try:
-            meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            if meta.get("model") in LAZY_MODULES and meta["model"] not in REGISTRY:
+            meta = json.loads(current.read_text(encoding="utf-8"))
+            _check_config(meta)
+            if meta["model"] in LAZY_MODULES and meta["model"] not in REGISTRY:
                 import importlib
 
                 importlib.import_module(LAZY_MODULES[meta["model"]])
+            if meta["model"] not in REGISTRY:
+                raise ValueError(f"unknown model '{meta['model']}' (known: {sorted(REGISTRY)})")
             model_cls = REGISTRY[meta["model"]] if cls is Recommender else cls
             if meta["model"] != model_cls.name:
                 raise ValueError(f"saved model is '{meta['model']}', not '{model_cls.name}'")
             obj = model_cls(**meta["params"])
             obj.user_ids = np.asarray(meta["user_ids"], dtype=object)
             obj.item_ids = np.asarray(meta["item_ids"], dtype=object)
-            obj._seen = sp.load_npz(path / "seen.npz").tocsr()
-            obj._set_state(load_file(str(path / "arrays.safetensors")))
-        except (OSError, KeyError, ValueError, TypeError, json.JSONDecodeError, SafetensorError,
-                zipfile.BadZipFile) as exc:
-            raise ValueError(f"cannot load model from {path}: {type(exc).__name__}: {exc}") from exc
+            current = path / "seen.npz"
+            obj._seen = _load_seen(current, (len(obj.user_ids), len(obj.item_ids)), path / "config.json")
+            current = path / "arrays.safetensors"
+            obj._set_state(load_file(str(current)))
+        except (OSError, KeyError, ValueError, TypeError, IndexError, EOFError, zlib.error,
+                SafetensorError, zipfile.BadZipFile) as exc:  # json/Unicode errors are ValueErrors
+            raise ValueError(f"cannot load model from {current}: {type(exc).__name__}: {exc}") from exc
         return obj
+
+
+def _check_config(meta) -> None:
+    """Types of a saved config.json (a tampered one must not reach the constructors)."""
+    if not isinstance(meta, dict):
+        raise TypeError(f"expected a JSON object, found {type(meta).__name__}")
+    missing = [k for k in ("model", "params", "user_ids", "item_ids") if k not in meta]
+    if missing:
+        raise KeyError(f"missing key(s) {missing}")
+    if not isinstance(meta["model"], str):
+        raise TypeError("'model' must be a string")
+    if not isinstance(meta["params"], dict):
+        raise TypeError("'params' must be an object")
+    for key in ("user_ids", "item_ids"):
+        ids = meta[key]
+        if not isinstance(ids, list) or not all(isinstance(x, str) for x in ids):
+            raise TypeError(f"'{key}' must be a list of strings")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"'{key}' has duplicates")
+
+
+def _load_seen(path: Path, shape: tuple[int, int], config: Path) -> sp.csr_matrix:
+    """``seen.npz``: a CSR matrix users x items (``allow_pickle=False`` inside scipy)."""
+    seen = sp.load_npz(path)
+    if not sp.issparse(seen):
+        raise ValueError("not a sparse matrix")
+    seen = seen.tocsr()
+    if seen.shape != shape:
+        raise ValueError(f"shape {seen.shape} does not match {config} ({shape[0]} user_ids x "
+                         f"{shape[1]} item_ids)")
+    seen.check_format(full_check=True)  # index ranges, monotonic indptr
+    return seen
 
 
 def topk(scores: np.ndarray, k: int) -> np.ndarray:

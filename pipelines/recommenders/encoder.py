@@ -646,14 +646,26 @@ class Checkpointer:
         """(tensors, info) of a compatible checkpoint, or None."""
         from safetensors.torch import load_file
 
+        from safetensors import SafetensorError
+
         j, s = self.dir / "state.json", self.dir / "state.safetensors"
         if not (j.is_file() and s.is_file()):
             return None
-        info = json.loads(j.read_text(encoding="utf-8"))
+        try:
+            info = json.loads(j.read_text(encoding="utf-8"))
+            if not isinstance(info, dict):
+                raise TypeError(f"expected a JSON object, found {type(info).__name__}")
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"checkpoint {j} is unreadable ({type(exc).__name__}: {exc}); delete "
+                             f"{self.dir} to start afresh") from exc
         if info.get("fingerprint") != self.fingerprint:
             log.info("checkpoint %s is for other params/data: starting afresh", self.dir)
             return None
-        return load_file(str(s)), info
+        try:
+            return load_file(str(s)), info
+        except (OSError, SafetensorError) as exc:
+            raise ValueError(f"checkpoint {s} is unreadable ({type(exc).__name__}: {exc}); delete "
+                             f"{self.dir} to start afresh") from exc
 
     @staticmethod
     def restore(tensors: dict, info: dict, model, optimizer) -> tuple[dict | None, dict | None]:
@@ -844,7 +856,12 @@ class EncoderRecommender(Recommender):
                                 fingerprint(p, data, {"arch": arch, "world": dist["world"]}))
             loaded = ckpt.load()
             if loaded is not None:
-                best_state, saved_ema = Checkpointer.restore(loaded[0], loaded[1], model, opt)
+                try:
+                    best_state, saved_ema = Checkpointer.restore(loaded[0], loaded[1], model, opt)
+                except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+                    raise ValueError(f"checkpoint {ckpt.dir / 'state.safetensors'} does not fit the "
+                                     f"model ({type(exc).__name__}: {exc}); delete {ckpt.dir} to "
+                                     "start afresh") from exc
                 if ema_state is not None and saved_ema is not None:
                     ema_state = {k: v.to(device) for k, v in saved_ema.items()}
                 for k in state:
@@ -1018,10 +1035,16 @@ class EncoderRecommender(Recommender):
         return out
 
     def _set_state(self, arrays: dict[str, np.ndarray]) -> None:
-        self.item_vecs_ = arrays["item_vecs"]
-        self.user_vecs_ = arrays["user_vecs"]
-        self.prior_vec_ = arrays["prior_vec"]
-        self.weights_ = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")}
+        iv, uv, pv = arrays["item_vecs"], arrays["user_vecs"], arrays["prior_vec"]
+        nu, ni = len(self.user_ids), len(self.item_ids)
+        d = iv.shape[1] if iv.ndim == 2 else -1
+        if iv.shape != (ni, d) or uv.shape != (nu, d) or pv.shape != (d,):
+            raise ValueError(f"arrays item_vecs {iv.shape}, user_vecs {uv.shape}, prior_vec {pv.shape} "
+                             f"do not fit {ni} items x {nu} users")
+        weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")}
+        if not weights:
+            raise ValueError("no module weights ('w.*' arrays)")
+        self.item_vecs_, self.user_vecs_, self.prior_vec_, self.weights_ = iv, uv, pv, weights
 
     def torch_module(self):
         """Rebuild the trained torch module from the saved weights (CPU, eval mode)."""

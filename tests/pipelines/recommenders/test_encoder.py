@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 
 from pipelines.data import Interactions  # noqa: E402
 from pipelines.recommenders import Recommender  # noqa: E402
+from tests.recommender_mixin import ArtifactContract  # noqa: E402
 from pipelines.recommenders.encoder import (  # noqa: E402
     EncoderRecommender, attribute_codes, attribute_spec, build_module)
 
@@ -196,3 +197,48 @@ def test_next_item_objective_runs():
     assert m.params["_arch"]["pool"] == "last" and not m.params["_arch"]["bag"]
     assert m.train_info_["history"][-1]["loss"] < m.train_info_["history"][0]["loss"]
     assert block_share(m, [f"u{u}" for u in range(0, N_USERS, 2)], range(HALF)) > 0.7
+
+
+class TestEncoderArtifacts(ArtifactContract):
+    """The encoder's saved model under the shared persistence / tampering contract."""
+
+    def make_model(self):
+        return EncoderRecommender(**{**TINY, "epochs": 2})
+
+
+@pytest.mark.parametrize("damage", ["json-garbage", "json-list", "safetensors-truncated",
+                                    "safetensors-pickle", "wrong-shapes"])
+def test_tampered_checkpoint_fails_with_an_error_naming_the_file(tmp_path, damage):
+    """A checkpoint under <workdir>/checkpoints/last is resumed from: tampering is a clear error."""
+    import pickle
+
+    from tests.recommender_mixin import _Payload
+
+    data, _users, _feat = blocks()
+    work = tmp_path / "run"
+    EncoderRecommender(**{**TINY, "epochs": 2}).set_run(work).fit(data)
+    last = work / "checkpoints" / "last"
+    j, s = last / "state.json", last / "state.safetensors"
+    marker = tmp_path / "pwned"
+    if damage == "json-garbage":
+        j.write_bytes(b"\x00{ not json")
+        victim = j
+    elif damage == "json-list":
+        j.write_text("[1, 2]")
+        victim = j
+    elif damage == "safetensors-truncated":
+        s.write_bytes(s.read_bytes()[:100])
+        victim = s
+    elif damage == "safetensors-pickle":
+        s.write_bytes(pickle.dumps(_Payload(marker)))
+        victim = s
+    else:  # a well-formed file whose tensors do not fit the module
+        from safetensors.numpy import load_file, save_file
+
+        arrays = load_file(str(s))
+        save_file({k: np.ascontiguousarray(v.reshape(-1)[:1]) for k, v in arrays.items()}, str(s))
+        victim = s
+    with pytest.raises(ValueError) as info:
+        EncoderRecommender(**{**TINY, "epochs": 2}).set_run(work).fit(data)  # same run: resumes
+    assert str(victim) in str(info.value) and "delete" in str(info.value)
+    assert not marker.exists()
