@@ -180,3 +180,24 @@ def test_sklearn_ranker_through_the_cli(workdir):
     assert (out / "model.json").exists() and not (out / "model.txt").exists()
     assert json.loads((out / "summary.json").read_text())["model_file"] == "model.json"
     assert fusion.Ranker.load(out).kind == "sklearn"
+
+
+def test_cross_fitting_and_refitted_sources_through_the_cli(workdir):
+    p = yaml.safe_load((workdir / "params.yaml").read_text())
+    p["fuse"].update({"cv_folds": 2, "refit_sources": True, "model_cold_users": True})
+    (workdir / "params.yaml").write_text(yaml.safe_dump(p))
+    assert run_fuse(workdir) == 0
+    summary = json.loads((workdir / "fuse" / "summary.json").read_text())
+    folds = summary["training"]["simulation"]["cross_folds"]
+    assert [f["fold"] for f in folds] == [1] and folds[0]["label_rows"] > 0
+    # two folds of labelled users: more groups than users with a val row
+    train = pd.read_parquet(workdir / "split" / "train.parquet")
+    assert summary["training"]["n_groups"] > train[train.fold == "val"].user_id.nunique()
+    recs = pd.read_parquet(workdir / "fuse" / "recommendations.parquet")
+    assert not set(zip(train.user_id, train.item_id)) & set(zip(recs.user_id, recs.item_id))
+    # the sequence encoder cannot be re-fitted inside the stage: a readable refusal
+    pytest.importorskip("torch")
+    from pipelines.recommenders.encoder import EncoderRecommender
+
+    with pytest.raises(ValueError, match="cannot be re-fitted inside the fuse stage"):
+        fusion.clone_model(EncoderRecommender())
