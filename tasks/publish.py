@@ -17,6 +17,12 @@ checksums) is written LAST, so readers never see a half-published version.
 The version id is a content hash of metrics + artifacts + the selected model:
 publishing the same content again uploads nothing new.
 
+Privacy: with ``publish.pseudonymize: true`` every user id in what is published
+(profiles, recommendations, samples) is replaced by ``u_`` + HMAC-SHA256 of the id
+keyed by the secret in the environment variable ``publish.pseudonym_key_env``
+(default ``MMREC_PSEUDONYM_KEY``); see :mod:`pipelines.privacy`.  Pseudonymisation
+on and no key set is an error before anything is uploaded.
+
 Target: ``s3://<s3_bucket>/<s3_prefix>`` when ``publish.s3_bucket`` is set
 (endpoint: ``s3_endpoint_url`` or env ``MMREC_S3_ENDPOINT_URL`` /
 ``AWS_ENDPOINT_URL``; credentials ONLY from boto3's default chain, e.g. the
@@ -35,12 +41,14 @@ import hashlib
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pipelines.io import atomic_path, load_params, read_json
+from pipelines.privacy import pseudonym_key, pseudonymize_files
 from pipelines.publish_s3 import LocalStore, S3Store, sha256_file
 
 from ._cli import parser, run_main
@@ -57,6 +65,8 @@ DEFAULTS: dict[str, Any] = {
     "s3_prefix": "mmrec",
     "s3_endpoint_url": "",
     "region": "",
+    "pseudonymize": False,  # replace user ids by keyed pseudonyms in everything published
+    "pseudonym_key_env": "MMREC_PSEUDONYM_KEY",  # env var holding the HMAC key (never in params)
 }
 RECS_FILE = "recommendations.parquet"
 
@@ -72,6 +82,8 @@ def merge_params(params: dict | None) -> dict[str, Any]:
         raise ValueError(f"params section 'publish': unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
     p = {**DEFAULTS, **params}
     p["tolerance"] = float(p["tolerance"])
+    if not isinstance(p["pseudonymize"], bool):
+        raise ValueError("params 'publish.pseudonymize' must be true or false")
     if p["tolerance"] < 0:
         raise ValueError("params 'publish.tolerance' must be >= 0")
     return p
@@ -186,6 +198,9 @@ def model_card(*, version: str, model: str, p: dict, value: float, metrics: dict
              f"- Generated: {when}",
              f"- Model: `{model}`; primary metric `{metric}` on slice `{sl}`: **{value:.4f}**",
              f"- Decision: {'PROMOTED' if decision['promoted'] else 'not promoted'}: {decision['reason']}",
+             *([f"- User ids: pseudonymised (HMAC-SHA256 keyed by the secret in "
+                f"`{p['pseudonym_key_env']}`; joinable across the published files)"]
+               if p.get("pseudonymize") else []),
              ""]
     lines += ["## Data version", ""]
     if info["data"]:
@@ -244,13 +259,32 @@ def upload_version(store, version: str, files: dict[str, Path], sums: dict[str, 
 
 def run(metrics_path: Path, profiles: Path | None, recs: Path | None, params: dict, *,
         store=None, lock_file: Path | None = None, now: dt.datetime | None = None) -> dict:
-    """Gate + publish. Returns the decision record (also written to the store)."""
+    """Gate + publish. Returns the decision record (also written to the store).
+
+    With ``publish.pseudonymize`` every file is published from a copy whose user ids are
+    replaced by keyed pseudonyms (:mod:`pipelines.privacy`); a missing key fails here,
+    before anything is read from or written to the target.
+    """
+    p = merge_params(params)
+    if not p["pseudonymize"]:
+        return _run(metrics_path, profiles, recs, p, store=store, lock_file=lock_file, now=now)
+    key = pseudonym_key(p["pseudonym_key_env"])
+    with tempfile.TemporaryDirectory(prefix="mmrec-pseudonymized-") as tmp:
+        files, skipped = collect_files(metrics_path, profiles, recs)
+        files = pseudonymize_files(files, key, Path(tmp))
+        return _run(files["metrics.json"], profiles, recs, p, store=store, lock_file=lock_file,
+                    now=now, collected=(files, skipped))
+
+
+def _run(metrics_path: Path, profiles: Path | None, recs: Path | None, params: dict, *,
+         store=None, lock_file: Path | None = None, now: dt.datetime | None = None,
+         collected: tuple[dict[str, Path], list[str]] | None = None) -> dict:
     p = merge_params(params)
     store = store if store is not None else open_target(p)
     when = (now or dt.datetime.now(dt.timezone.utc)).isoformat(timespec="seconds")
     metrics = read_json(metrics_path)
     model, value, notes = select_model(metrics, p)
-    files, skipped = collect_files(metrics_path, profiles, recs)
+    files, skipped = collected or collect_files(metrics_path, profiles, recs)
     sums = checksums(files)
     version = version_id(sums, model)
     champion = store.get_json(p["champion_file"])
@@ -259,7 +293,7 @@ def run(metrics_path: Path, profiles: Path | None, recs: Path | None, params: di
         "promoted": promoted, "reason": reason, "version": version, "model": model,
         "metric": p["primary"], "slice": p["slice"], "value": value, "tolerance": p["tolerance"],
         "champion": champion, "target": str(store), "decided_at": when, "notes": notes + skipped,
-        "files": sums, "uploaded": [],
+        "files": sums, "uploaded": [], "pseudonymized": p["pseudonymize"],
     }
     info = lock_info(lock_file)
     card = model_card(version=version, model=model, p=p, value=value, metrics=metrics, sums=sums,

@@ -138,19 +138,25 @@ def test_cli_local_target_skips_missing_inputs(tmp_path, inputs):
     assert res.returncode == 1 and "missing.json" in res.stderr and not (tmp_path / "out2").exists()
 
 
+PSEUDONYM_KEY = "pseudonym-key-for-the-s3-test-31337"
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_cli_publishes_to_s3_without_leaking_credentials(tmp_path, inputs):
     from tests.s3_server import SECRET_KEY, moto_server
 
     src = inputs({"hybrid": 0.3})
+    pd.DataFrame({"user_id": ["u1"], "segment": ["F"]}).to_parquet(src / "profiles" / "users.parquet")
     with moto_server() as s3:
         s3.create_bucket("models")
         (tmp_path / "params.yaml").write_text(yaml.safe_dump({"publish": {
-            "s3_bucket": "models", "s3_prefix": "mmrec/prod", "s3_endpoint_url": s3.endpoint_url}}))
+            "s3_bucket": "models", "s3_prefix": "mmrec/prod", "s3_endpoint_url": s3.endpoint_url,
+            "pseudonymize": True}}))
         args = ["--metrics", str(src / "metrics.json"), "--profiles", str(src / "profiles"),
                 "--recs", str(src / "fuse"), "--out", str(tmp_path / "out"), "--params", "params.yaml"]
-        res = _cli(args, tmp_path, env=s3.env())
+        env = {**s3.env(), "MMREC_PSEUDONYM_KEY": PSEUDONYM_KEY}
+        res = _cli(args, tmp_path, env=env)
         assert res.returncode == 0, res.stderr
         client = s3.client()
         keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="models")["Contents"])
@@ -160,15 +166,18 @@ def test_cli_publishes_to_s3_without_leaking_credentials(tmp_path, inputs):
         assert f"mmrec/prod/versions/{v}/profiles/users.parquet" in keys
         latest = json.loads(client.get_object(Bucket="models", Key="mmrec/prod/latest.json")["Body"].read())
         assert latest["version"] == v and d["target"] == "s3://models/mmrec/prod"
-        res2 = _cli(args, tmp_path, env=s3.env())  # idempotent re-publish
+        res2 = _cli(args, tmp_path, env=env)  # idempotent re-publish
         assert res2.returncode == 0, res2.stderr
         keys2 = sorted(o["Key"] for o in client.list_objects_v2(Bucket="models")["Contents"])
         assert keys2 == keys
         blobs = [client.get_object(Bucket="models", Key=k)["Body"].read() for k in keys]
     texts = [res.stdout, res.stderr, res2.stdout, res2.stderr]
     texts += [p.read_text(errors="replace") for p in (tmp_path / "out").rglob("*") if p.is_file()]
-    assert not any(SECRET_KEY in t for t in texts)
-    assert not any(SECRET_KEY.encode() in b for b in blobs)
+    for secret in (SECRET_KEY, PSEUDONYM_KEY):  # S3 credentials and the pseudonym key
+        assert not any(secret in t for t in texts)
+        assert not any(secret.encode() in b for b in blobs)
+    recs = [b for k, b in zip(keys, blobs) if k.endswith("recommendations.parquet")]
+    assert recs and b"u1" not in recs[0] and b"u_" in recs[0]  # the raw user id is pseudonymised
 
 
 def test_same_files_for_a_weaker_model_are_gated_not_taken_for_the_champion(tmp_path, inputs):
