@@ -65,7 +65,9 @@ fresh init, and get content vectors through the modality projections anyway),
 attribute embeddings are copied (categorical vocabularies aligned by value;
 re-bucketed numeric columns and, when any column's encoding changed, the hashed
 crosses start afresh), all other weights are copied; training then runs ``warm_epochs`` epochs (cosine
-schedule over those) instead of ``epochs``.  New users need nothing: user
+schedule over those) instead of ``epochs``, each of at most
+``warm_samples_per_epoch`` samples: first the users whose history changed
+(new users, new interactions), then a replay of the others.  New users need nothing: user
 vectors are computed from histories and attributes.  An incompatible earlier
 model (other architecture, modalities or feature sizes) means a cold start;
 ``train_info_['warm_start']`` records which happened and why.
@@ -134,6 +136,7 @@ DEFAULTS: dict[str, Any] = {
     "deterministic": True, "max_train_seconds": 0,
     # incremental retraining: start from the previous model (tasks.train_encoder reads it)
     "warm_start": False, "warm_epochs": 3,
+    "warm_samples_per_epoch": 10000,  # warm epochs: users whose history changed first, then others (0 = all)
 }
 
 
@@ -792,6 +795,7 @@ class EncoderRecommender(Recommender):
             if why is None:
                 p["epochs"] = min(int(p["epochs"]), int(p["warm_epochs"]))
                 warm_info = {"used": True}
+                changed = changed_users(self._warm, data)
             else:
                 warm_info = {"used": False, "reason": why}
                 log.info("warm start not possible (%s): training from scratch", why)
@@ -829,7 +833,8 @@ class EncoderRecommender(Recommender):
         model = build_module(arch)
         self._load_buffers(model, known)
         if warm_info["used"]:
-            warm_info.update(warm_load(model, self._warm, data.item_ids, arch))
+            warm_info.update(warm_load(model, self._warm, data.item_ids, arch),
+                             changed_users=int(changed.sum()))
             log.info("warm start: %s", warm_info)
         model.to(device)
         train_model = model
@@ -883,6 +888,11 @@ class EncoderRecommender(Recommender):
             order = np.concatenate([rng.permutation(users_all) for _ in range(int(p["samples_per_user"]))])
             if int(p["max_samples_per_epoch"]) > 0:  # a random subset (each user at most once first)
                 order = order[:int(p["max_samples_per_epoch"])]
+            if warm_info["used"] and int(p["warm_samples_per_epoch"]) > 0:
+                # fine-tune on what changed, with a replay of the other users (no forgetting)
+                ch = changed[users_all]
+                order = np.concatenate([rng.permutation(users_all[ch]), rng.permutation(users_all[~ch])])
+                order = order[:int(p["warm_samples_per_epoch"])]
             if dist["world"] > 1:
                 from torch.utils.data import DistributedSampler
 
@@ -1086,6 +1096,20 @@ _WARM_ARCH_KEYS = ("d_model", "n_layers", "n_heads", "d_item", "head_mlp", "ff_m
 _ITEM_TABLES = ("item_emb.weight", "id_bias.weight", "in_item_emb.weight")
 
 
+def changed_users(previous: "EncoderRecommender", data: Interactions) -> np.ndarray:
+    """[n_users] bool: users of ``data`` that are new or whose number of interactions changed
+    since ``previous`` was trained (its saved seen-items matrix)."""
+    now = np.diff(data.matrix().indptr)
+    before = np.zeros(len(now), np.int64)
+    seen = getattr(previous, "_seen", None)
+    if seen is not None and previous.user_ids is not None:
+        pos = pd.Index(np.asarray(previous.user_ids, dtype=object).astype(str)).get_indexer(
+            np.asarray(data.user_ids, dtype=object).astype(str))
+        hit = pos >= 0
+        before[hit] = np.diff(seen.indptr)[pos[hit]]
+    return now != before
+
+
 def warm_incompatibility(previous: "EncoderRecommender", arch: dict) -> str | None:
     """Why ``previous`` cannot initialise a model of ``arch`` (None: it can)."""
     old = (previous.params or {}).get("_arch")
@@ -1208,4 +1232,4 @@ def _dist_info() -> dict[str, int]:
 
 
 __all__ = ["EncoderRecommender", "DEFAULTS", "load_modality", "attribute_spec", "attribute_codes",
-           "build_module", "Checkpointer", "warm_incompatibility", "warm_load"]
+           "build_module", "Checkpointer", "warm_incompatibility", "warm_load", "changed_users"]

@@ -152,6 +152,10 @@ def test_encoder_warm_start_reuses_the_previous_model(tmp_path):
     ws = warm["warm_start"]
     assert ws["used"] is True and warm["epochs_run"] == 1
     assert ws["items_reused"] == 22 and ws["new_items"] == 2
+    # fine-tuning starts with the users whose history changed: new users + those with new items
+    n_full = pd.read_parquet(full / "train.parquet").groupby("user_id").size()
+    n_base = pd.read_parquet(base / "train.parquet").groupby("user_id").size()
+    assert ws["changed_users"] == int((n_full.sub(n_base, fill_value=0) != 0).sum()) > len(NEW_USERS)
     # new users bring new ages (a grown vocabulary: aligned by value); the hashed crosses
     # of the attribute codes change meaning and start afresh
     assert ws["tensors_skipped"] == ["cross_emb.weight"]
