@@ -47,8 +47,12 @@ from pipelines.schema import ITEM, MEDIA_COLUMNS, RATING, REQUIRED, TS, USER, to
 # Written without \s / \d / \b so that pandas runs them in pyarrow (RE2) instead of
 # falling back to Python's ``re`` (7x slower on millions of rows).
 EMAIL_RE = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+# phone: North-American style groups, "+" and 8-15 digits, or international digit groups
+# ("06 12 34 56 78", "+33 6 12 34 56 78", "+49 (0)30 1234 5678")
 PHONE_RE = (r"^ *(?:(?:\+[0-9]{1,3}[ .-]?)?(?:\([0-9]{2,4}\)|[0-9]{2,4})[ .-][0-9]{3,4}[ .-]?"
-            r"[0-9]{3,5}|\+[0-9]{8,15}) *$")
+            r"[0-9]{3,5}|\+[0-9]{8,15}"
+            r"|\+[0-9]{1,3}[ .-]?(?:\(0\)[ .-]?)?[0-9]{1,4}(?:[ .-][0-9]{2,4}){2,5}"
+            r"|[0-9]{1,4}(?:[ .-][0-9]{2,4}){3,5}) *$")
 PII_RE = f"{EMAIL_RE}|{PHONE_RE}"  # one GE regex expectation per text column
 
 CRITICAL = "critical"
