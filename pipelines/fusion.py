@@ -1663,7 +1663,8 @@ def fuse(split: Split, fit_models: dict[str, Recommender], full_models: dict[str
     if folds:
         ts, fold_stats = _add_cross_folds(ts, folds, split, fit_models, items, users, p)
         world["stats"]["cross_folds"] = fold_stats
-    timings["train_features"] = time.perf_counter() - t
+    # (not "train_features": that key is the training FeatureBuilder's own timing, below)
+    timings["training_set"] = time.perf_counter() - t
     log.info("fusion: %d training rows, candidate recall on val %.3f", len(ts["y"]),
              ts["stats"]["candidate_recall"])
     t = time.perf_counter()

@@ -190,6 +190,8 @@ def test_cross_fitting_and_refitted_sources_through_the_cli(workdir):
     summary = json.loads((workdir / "fuse" / "summary.json").read_text())
     folds = summary["training"]["simulation"]["cross_folds"]
     assert [f["fold"] for f in folds] == [1] and folds[0]["label_rows"] > 0
+    # the stage's training-set time covers the extra folds (not the feature builder's own time)
+    assert summary["seconds"]["training_set"] >= folds[0]["seconds"]
     # two folds of labelled users: more groups than users with a val row
     train = pd.read_parquet(workdir / "split" / "train.parquet")
     assert summary["training"]["n_groups"] > train[train.fold == "val"].user_id.nunique()
