@@ -1432,7 +1432,10 @@ def _best_history(X: sp.csr_matrix, users: np.ndarray, items: np.ndarray, sim) -
     best_v = np.zeros(len(users), np.float32)
     if not len(pair):
         return best_h, best_v
-    v = sim(h, items[pair])
+    # chunked: a content similarity gathers [rows, dim] embedding blocks (bounded memory)
+    step = 16384
+    v = np.concatenate([np.asarray(sim(h[s:s + step], items[pair[s:s + step]]), dtype=np.float32)
+                        for s in range(0, len(h), step)])
     order = np.lexsort((-v, pair))
     first = (np.cumsum(counts) - counts)[counts > 0]
     sel = order[first]
