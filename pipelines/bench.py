@@ -114,7 +114,8 @@ def table(result: dict, metrics=("ndcg@10", "precision@10", "recall@10", "map@10
     by_proto = result["seconds_by_protocol"]
     lines.append("\n| stage | " + " | ".join(f"{p} s" for p in by_proto) + " | total s | peak RSS MiB |")
     lines.append("|---|" + "---:|" * (len(by_proto) + 2))
-    for st, total in result["seconds"].items():
+    order = {name: i for i, name in enumerate(graph.topological())}
+    for st, total in sorted(result["seconds"].items(), key=lambda kv: order.get(kv[0], len(order))):
         rss = max(r.get(st, 0.0) for r in result["peak_rss_mb"].values())
         lines.append(f"| {st} | " + " | ".join(str(by_proto[p].get(st, "")) for p in by_proto)
                      + f" | {total:.1f} | {rss:.0f} |")

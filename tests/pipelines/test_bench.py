@@ -23,7 +23,7 @@ def test_table_lists_models_by_ndcg_and_stage_seconds():
     result = {
         "stratified": {"ease": {"all": row(0.48, 943)}, "hybrid": {"all": row(0.50, 943)},
                        "popularity": {"all": row(0.25, 943), "cold_users": row(0.1, 0)}},
-        "seconds": {"split": 3.0, "fit_cf": 12.5},
+        "seconds": {"fit_cf": 12.5, "split": 3.0},
         "seconds_by_protocol": {"stratified": {"split": 1.0, "fit_cf": 5.0},
                                 "coldstart": {"split": 2.0, "fit_cf": 7.5}},
         "peak_rss_mb": {"stratified": {"split": 100.0, "fit_cf": 900.0},
@@ -38,3 +38,11 @@ def test_table_lists_models_by_ndcg_and_stage_seconds():
     assert not any("cold_users" in ln for ln in lines)  # empty slice left out
     assert "| fit_cf | 5.0 | 7.5 | 12.5 | 900 |" in text
     assert "machine" not in text and "seconds_by_protocol" not in text
+
+
+def test_stage_rows_follow_the_graph_order():
+    result = {"seconds": {"fuse": 1.0, "validate": 2.0, "evaluate": 3.0},
+              "seconds_by_protocol": {"p": {"fuse": 1.0, "validate": 2.0, "evaluate": 3.0}},
+              "peak_rss_mb": {"p": {"fuse": 1.0, "validate": 1.0, "evaluate": 1.0}}}
+    rows = [ln.split("|")[1].strip() for ln in bench.table(result).splitlines() if ln.startswith("| ")]
+    assert rows[1:] == ["validate", "fuse", "evaluate"]
