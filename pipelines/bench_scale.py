@@ -181,11 +181,11 @@ def _primary(metrics: dict) -> dict:
 def _reuse(wd: Path) -> dict:
     """What the rerun reused: feature cache hits, encoder/ALS warm starts."""
     out = {}
-    for st in ("preprocess_text", "preprocess_image"):
-        f = wd / "artifacts" / st / "summary.json"
+    for st in ("preprocess_text", "preprocess_image", "preprocess_video"):
+        f = wd / "artifacts" / st / "meta.json"
         if f.is_file():
             s = json.loads(f.read_text(encoding="utf-8"))
-            out[st] = {k: s.get(k) for k in ("n_items", "n_encoded", "n_reused_from_cache")
+            out[st] = {k: s.get(k) for k in ("n_items", "n_encoded_this_run", "n_reused_from_cache")
                        if k in s}
     m = wd / "artifacts" / "train_encoder" / "metrics.json"
     if m.is_file():

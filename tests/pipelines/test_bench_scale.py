@@ -60,6 +60,7 @@ def _fake(sizes, totals, inc_total=None):
                        "total_cpu_seconds": t * 0.8, "peak_rss_mb_max": 300.0}
         if inc_total is not None:
             out[str(s)]["incremental"] = {"seconds": {"split": 1.0, "fit_cf": inc_total - 1.0},
+                                          "n_base": int(s * 0.95), "n_increment": s - int(s * 0.95),
                                           "total_seconds": inc_total, "ratio": inc_total / t,
                                           "total_cpu_seconds": inc_total, "cpu_ratio": inc_total / t}
     return out
@@ -76,3 +77,20 @@ def test_table_and_plot(tmp_path):
     assert bench_scale.plot(res, png) == ("log", "log")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(res)  # what main() writes
+
+
+def test_reuse_reads_what_the_stages_write(tmp_path):
+    """The rerun's reuse record comes from the stages' own outputs (feature meta, warm starts)."""
+    from pipelines.io import write_json
+
+    a = tmp_path / "artifacts"
+    write_json(a / "preprocess_text" / "meta.json",
+               {"n_items": 10, "n_encoded_this_run": 1, "n_reused_from_cache": 9, "dim": 4})
+    write_json(a / "train_encoder" / "metrics.json",
+               {"warm_start": {"used": True, "changed_users": 3}, "epochs_run": 2, "train_seconds": 1.5})
+    write_json(a / "fit_cf" / "summary.json", {"warm_start": {"full/als": {"used": True}}})
+    r = bench_scale._reuse(tmp_path)
+    assert r["preprocess_text"] == {"n_items": 10, "n_encoded_this_run": 1, "n_reused_from_cache": 9}
+    assert r["train_encoder"]["warm_start"]["used"] and r["train_encoder"]["epochs_run"] == 2
+    assert r["fit_cf"] == {"full/als": {"used": True}}
+    assert "preprocess_image" not in r
