@@ -40,7 +40,9 @@ run: venv $(DEMO)/ratings.csv
 	@test ! -d artifacts/build_profiles || echo "  profiles    artifacts/build_profiles/profiles.parquet  (try: python -m pipelines profile <user_id>)"
 	@test ! -d artifacts/fuse || echo "  top-K recs  artifacts/fuse/recommendations.parquet"
 	@echo "  validation  reports/validate/index.html"
-	@dvc metrics show reports/evaluate/metrics.json 2>/dev/null | head -40 || true
+	@echo
+	@python -m pipelines metrics reports/evaluate/metrics.json
+	@echo "  (all metrics: dvc metrics show; plots: dvc plots show)"
 
 test: venv
 	python -m pytest $(PYTEST_ARGS)

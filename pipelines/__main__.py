@@ -1,6 +1,6 @@
 """``python -m pipelines <command>``: the project's command line.
 
-Commands: generate-demo, validate, profile, dvc-yaml, stages, run-stage.
+Commands: generate-demo, validate, profile, metrics, dvc-yaml, stages, run-stage.
 """
 
 from __future__ import annotations
@@ -41,6 +41,33 @@ def _stages(argv) -> int:
     return 0
 
 
+def _metrics(argv) -> int:
+    """Compact table of reports/evaluate/metrics.json: one metric, every model x slice."""
+    ap = argparse.ArgumentParser(prog="python -m pipelines metrics")
+    ap.add_argument("path", nargs="?", default="reports/evaluate/metrics.json")
+    ap.add_argument("--metric", default="ndcg@10")
+    args = ap.parse_args(argv)
+    import json
+    import math
+    from pathlib import Path
+
+    path = Path(args.path)
+    if not path.is_file():
+        print(f"{path}: no such file (run `dvc repro` first)", file=sys.stderr)
+        return 1
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    slices = ("all", "cold_users", "cold_items")
+
+    def value(model: str, sl: str) -> float:
+        v = metrics[model].get(sl, {}).get(args.metric)
+        return float("nan") if v is None else float(v)
+
+    print(f"{args.metric:<14}" + "".join(f"{s:>12}" for s in slices))
+    for model in sorted(metrics, key=lambda m: -(value(m, "all") if not math.isnan(value(m, "all")) else -1)):
+        print(f"{model:<14}" + "".join(f"{value(model, s):>12.4f}" for s in slices))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
@@ -57,6 +84,8 @@ def main(argv=None) -> int:
         return _dvc_yaml(rest)
     if cmd == "stages":
         return _stages(rest)
+    if cmd == "metrics":
+        return _metrics(rest)
     if cmd not in commands:
         print(f"unknown command '{cmd}'. {__doc__}", file=sys.stderr)
         return 2
