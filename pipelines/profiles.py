@@ -347,6 +347,15 @@ def build_profiles(train: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame
                                           {"name": gnames[ic].astype(str), "weight": iv,
                                            "lift": lift_m[ir, ic]},
                                           {"name": str_t, "weight": f64, "lift": f64})
+        # what the user watches most (own share of the weighted history), beside what sets the
+        # user apart (``interests``): "mostly Drama and Comedy; more than most: Documentary"
+        Mc_ = M.tocoo()
+        tr, tc, tv = Mc_.row.astype(np.int64), Mc_.col.astype(np.int64), Mc_.data.astype(np.float64)
+        tv = tv / np.maximum(np.asarray(S, np.float64)[tr], 1e-12)
+        kt = _top_per_row(tr, tv, int(p["n_interests"])) & (tv > 0) & ~cold[tr]
+        cols["top_categories"] = _sorted_lists(tr[kt], tv[kt], n_users,
+                                               {"name": gnames[tc[kt]].astype(str), "share": tv[kt]},
+                                               {"name": str_t, "share": f64})
         top_mask = np.zeros((n_users, len(gnames)), bool)
         k2 = _top_per_row(ir, iv, 2)
         top_mask[ir[k2], ic[k2]] = True
@@ -359,6 +368,8 @@ def build_profiles(train: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame
         cols["interests"] = _sorted_lists(ir, iv, n_users, {"name": np.zeros(0, object), "weight": iv,
                                                             "lift": iv},
                                           {"name": str_t, "weight": f64, "lift": f64})
+        cols["top_categories"] = _sorted_lists(ir, iv, n_users, {"name": np.zeros(0, object), "share": iv},
+                                               {"name": str_t, "share": f64})
         top_mask = None
 
     # keywords -----------------------------------------------------------
@@ -496,9 +507,10 @@ def build_profiles(train: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame
 
 # ---------------------------------------------------------------------------- text
 
-def _iter_records(table: pa.Table, columns=("interests", "people", "decades", "cadence", "cold_start",
-                                             "n_interactions", "segment", "profile_source")):
-    data = {c: table.column(c).to_pylist() for c in columns}
+def _iter_records(table: pa.Table, columns=("interests", "top_categories", "people", "decades", "cadence",
+                                             "cold_start", "n_interactions", "segment", "profile_source")):
+    data = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
+            for c in columns}
     for j in range(table.num_rows):
         yield {c: data[c][j] for c in columns}
 
@@ -508,7 +520,8 @@ def _and(names: list[str]) -> str:
 
 
 def summary_line(rec: dict) -> str:
-    """One readable line, e.g. 'mostly Sci-Fi and Thriller, 1990s, favours director X; active weekly'."""
+    """One readable line, e.g. 'mostly Sci-Fi and Thriller, more than most: Film-Noir (3.2x), 1990s,
+    favours director X; active weekly'."""
     top = [x["name"] for x in (rec.get("interests") or [])[:2]]
     bits = []
     if rec.get("profile_source") == "segment-prior":
@@ -517,7 +530,14 @@ def summary_line(rec: dict) -> str:
         if top:
             head += f"; segment {rec.get('segment')} suggests {_and(top)}"
         return head
-    if top:
+    shares = [x["name"] for x in (rec.get("top_categories") or [])[:3]]
+    if shares:  # what the user watches most; then what sets the user apart, if it differs
+        bits.append(f"mostly {_and(shares)}")
+        extra = [x for x in (rec.get("interests") or [])[:2]
+                 if x["name"] not in shares and (x.get("lift") or 0) > 1.5]
+        if extra:
+            bits.append("more than most: " + _and([f"{x['name']} ({x['lift']:.1f}x)" for x in extra]))
+    elif top:
         bits.append(f"mostly {_and(top)}")
     dec = rec.get("decades") or []
     if dec:
@@ -576,6 +596,8 @@ def render_card(rec: dict, titles: dict[str, str] | None = None) -> str:
     row("Segment", str(rec.get("segment")) + (f"  (prior from: {rec['segment_prior_level']})"
                                                 if rec.get("segment_prior_level") else ""))
     row("Cold start", "yes" if rec["cold_start"] else "no")
+    tops = rec.get("top_categories") or []
+    row("Watches", " | ".join(f"{x['name']} {x['share']:.0%}" for x in tops) or "-")
     ints = rec.get("interests") or []
     row("Interests", " | ".join(f"{x['name']} {x['weight']:.2f}" + (f" (lift {x['lift']:.1f}x)" if x.get("lift") else "")
                                 for x in ints) or "-")

@@ -197,3 +197,26 @@ def test_cli_via_pipelines_main(tmp_path, profiles):
     res = subprocess.run([sys.executable, "-m", "pipelines", "profile", "ghost", "--profiles", str(tmp_path)],
                          cwd=root, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "unknown user" in res.stderr
+
+
+def test_top_categories_are_the_users_own_shares(profiles):
+    table, by = profiles
+    assert "top_categories" in table.column_names
+    for u in ("u0", "u2"):
+        tops = by[u]["top_categories"]
+        shares = [x["share"] for x in tops]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+        assert by[u]["summary"].startswith(f"mostly {tops[0]['name']}")
+    cold = [r for r in by.values() if r["cold_start"]]
+    assert cold and all(not r["top_categories"] for r in cold)  # no history: no shares
+
+
+def test_summary_names_the_majority_then_what_stands_out():
+    rec = {"top_categories": [{"name": "Drama", "share": 0.4}, {"name": "Comedy", "share": 0.3},
+                              {"name": "Action", "share": 0.2}],
+           "interests": [{"name": "Documentary", "weight": 0.6, "lift": 4.9},
+                         {"name": "Drama", "weight": 0.4, "lift": 1.1}],
+           "decades": [], "people": [], "cadence": "daily", "profile_source": "behaviour",
+           "n_interactions": 200}
+    assert summary_line(rec) == ("mostly Drama, Comedy and Action, more than most: Documentary (4.9x); "
+                                 "active daily")
