@@ -26,6 +26,11 @@ batch exactly once:
    repository, ``dvc add`` records it as a new DVC version (under the
    run-stage runner's repository lock).
 
+A killed ingest (SIGKILL at any point) leaves the dataset either as it was or
+completely merged: the candidate replaces it in one atomic rename.  The next
+ingest first removes the temp candidate it left and, if the merge happened but
+its ``dvc add`` did not, versions the dataset (:func:`recover`).
+
 ``python -m pipelines.ingest [--landing landing] [--data DIR] [--quarantine quarantine]
 [--params params.yaml] [--repo .] [--no-dvc] [--json]`` prints a summary; exit
 code 0 unless something broke (a quarantined batch is a recorded outcome, not
@@ -49,7 +54,7 @@ from typing import Any, Callable, Iterator
 
 import pandas as pd
 
-from .io import load_params, write_json
+from .io import load_params, replace_dir, write_json
 from .publish_s3 import S3Store, sha256_file
 from .runner import file_lock
 from .schema import ITEM, REQUIRED, TABLES, TS, USER, DataContractError, read_table, table_path
@@ -327,13 +332,46 @@ def build_candidate(dataset: Path, batch: Path, dest: Path) -> dict[str, int]:
 
 
 def _swap_in(candidate: Path, dataset: Path) -> None:
-    if dataset.exists():
-        old = candidate.parent / (candidate.name + ".old")
-        os.replace(dataset, old)
-        os.replace(candidate, dataset)
-        shutil.rmtree(old)
-    else:
-        os.replace(candidate, dataset)
+    """The candidate becomes the dataset in one atomic exchange (see ``io.replace_dir``)."""
+    replace_dir(candidate, dataset)
+
+
+def _pending_file(dataset: Path) -> Path:
+    return dataset.parent / f".{dataset.name}.ingest-pending.json"
+
+
+def recover(dataset: Path, dvc_repo: Path | None, lock_timeout: float) -> list[str]:
+    """Finish or undo what a killed ingest left behind (call under the ingest lock).
+
+    * temp candidates (``.<name>.candidate-*``): deleted; the dataset was never touched
+      by them (a candidate becomes the dataset only by the final rename);
+    * the two-rename fallback killed in between (dataset missing, ``...candidate-*.old``
+      present): the complete candidate is put in place;
+    * a merge whose ``dvc add`` did not happen (``.<name>.ingest-pending.json``): the
+      dataset is versioned now, so the new version is not lost to DVC.
+    """
+    notes = []
+    parent = dataset.parent
+    if not parent.is_dir():
+        return notes
+    if not dataset.exists():
+        for old in sorted(parent.glob(f".{dataset.name}.candidate-*.old")):
+            cand = old.with_name(old.name[:-len(".old")])
+            if cand.is_dir():
+                os.replace(cand, dataset)
+                notes.append(f"recovered: {cand.name} (complete, its rename was interrupted) "
+                             f"put in place as {dataset.name}")
+                break
+    for p in sorted(parent.glob(f".{dataset.name}.candidate-*")):
+        shutil.rmtree(p, ignore_errors=True)
+        notes.append(f"recovered: removed {p.name} left by an interrupted ingest")
+    pending = _pending_file(dataset)
+    if pending.exists():
+        if dvc_repo is not None and dataset.is_dir():
+            dvc_add(dvc_repo, dataset, lock_timeout)
+            notes.append(f"recovered: `dvc add {dataset.name}` of a merge interrupted before it")
+        pending.unlink()
+    return notes
 
 
 def _default_validator(path: Path, params: dict):
@@ -442,19 +480,24 @@ def ingest(landing, dataset: str | os.PathLike, quarantine: str | os.PathLike, p
     if dvc and dvc_repo is None:
         report.notes.append(f"{dataset} is not inside a DVC repository: not versioned with DVC")
     lock = dataset.parent / f".{dataset.name}.ingest.lock"
+    with file_lock(lock, lock_timeout, "ingest recovery"):
+        report.notes += recover(dataset, dvc_repo, lock_timeout)
     for name in landing.list_batches():
         with file_lock(lock, lock_timeout, f"ingest {name}"), landing.fetch(name) as local:
             if local is None:
                 report.results.append(BatchResult(name, "gone", message="taken by another ingest"))
                 continue
-            before_swap = None
+            hooks: list[Callable[[], None]] = []
             if dvc_repo is not None and dataset.is_dir() and not Path(f"{dataset}.dvc").exists():
-                def before_swap():  # version the dataset as it was, before its first merge
-                    dvc_add(dvc_repo, dataset, lock_timeout)
+                # version the dataset as it was, before its first merge
+                hooks.append(lambda: dvc_add(dvc_repo, dataset, lock_timeout))
+            if dvc_repo is not None:  # a kill between the merge and its `dvc add`: see recover()
+                hooks.append(lambda: write_json(_pending_file(dataset), {"batch": name}))
             report.results.append(_ingest_one(landing, name, local, dataset, quarantine, params or {},
-                                               validator, before_swap))
+                                               validator, (lambda: [h() for h in hooks]) if hooks else None))
             if report.results[-1].status == "merged" and dvc_repo is not None:
                 report.dvc_md5 = dvc_add(dvc_repo, dataset, lock_timeout)
+                _pending_file(dataset).unlink(missing_ok=True)
     if dvc_repo is not None:
         report.dvc_md5 = tracked_md5(dataset)
         report.untrained = report.dvc_md5 is not None and report.dvc_md5 != trained_md5(dvc_repo, dataset)

@@ -11,6 +11,15 @@ files, instance/IRSA roles; the Airflow DAG may fill the environment from an
 Airflow connection).  They are never read from params.yaml and never logged.
 The endpoint URL comes from the argument, else ``MMREC_S3_ENDPOINT_URL``, else
 boto3's own ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``.
+
+Network faults: every client has bounded timeouts and botocore's ``standard``
+retry mode (connection errors, resets, timeouts, throttling and 5xx are retried
+with jittered exponential back-off), so a short outage is ridden out and a long
+one fails the task with a clear error within a bounded time instead of hanging
+(an S3 endpoint that accepts connections but never answers would otherwise
+hold a task for 5 x 60 s).  Environment: ``MMREC_S3_CONNECT_TIMEOUT`` (default
+10 s), ``MMREC_S3_READ_TIMEOUT`` (60 s), ``AWS_MAX_ATTEMPTS`` (5, first try
+included), ``AWS_RETRY_MODE`` (``standard``).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from .io import atomic_path
+from .io import atomic_path, sweep_stale_temps
 
 CHUNK = 1 << 20
 
@@ -50,11 +59,34 @@ def endpoint_from_env(explicit: str | None = None) -> str | None:
     return explicit or os.environ.get("MMREC_S3_ENDPOINT_URL") or None
 
 
+def _env_number(name: str, default: float, cast=float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        raise ValueError(f"environment {name}={raw!r}: not a number") from None
+    if value <= 0:
+        raise ValueError(f"environment {name}={raw!r}: must be > 0")
+    return value
+
+
+def client_config():
+    """botocore Config: bounded timeouts + standard retries (see the module docstring)."""
+    from botocore.config import Config
+
+    return Config(connect_timeout=_env_number("MMREC_S3_CONNECT_TIMEOUT", 10.0),
+                  read_timeout=_env_number("MMREC_S3_READ_TIMEOUT", 60.0),
+                  retries={"mode": os.environ.get("AWS_RETRY_MODE") or "standard",
+                           "max_attempts": int(_env_number("AWS_MAX_ATTEMPTS", 5, int))})
+
+
 def s3_client(endpoint_url: str | None = None, region: str | None = None):
     """A boto3 S3 client; credentials from boto3's default chain only."""
     import boto3
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"config": client_config()}
     endpoint_url = endpoint_from_env(endpoint_url)
     if endpoint_url:
         kwargs["endpoint_url"] = endpoint_url
@@ -72,6 +104,14 @@ class LocalStore:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self._swept = False
+
+    def _sweep(self) -> None:
+        """Before the first write: drop temp files of writers killed earlier (see io)."""
+        if not self._swept:
+            self._swept = True
+            if self.root.is_dir():
+                sweep_stale_temps(self.root)
 
     def __str__(self) -> str:
         return str(self.root)
@@ -90,10 +130,12 @@ class LocalStore:
         return p.read_bytes() if p.is_file() else None
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        self._sweep()
         with atomic_path(self._path(key)) as tmp:
             tmp.write_bytes(data)
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
+        self._sweep()
         with atomic_path(self._path(key)) as tmp:
             shutil.copyfile(path, tmp)
 
@@ -101,7 +143,8 @@ class LocalStore:
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return []
-        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file()
+                      and not any(x.startswith(".") and ".tmp-" in x for x in p.relative_to(self.root).parts))
 
     def get_json(self, key: str) -> Any | None:
         data = self.get_bytes(key)

@@ -16,7 +16,10 @@ Outputs in ``--out``:
   vectors and the unknown-user prior, so evaluation needs neither torch nor
   features;
 * ``metrics.json``: best val recall, epochs, timings, device, resume info;
-* ``dvclive/``: training curves (train/loss, val/recall@K, val/ndcg@K per epoch);
+* ``dvclive/``: training curves (train/loss, val/recall@K, val/ndcg@K per epoch),
+  written once training ends, from the run's complete per-epoch history (the
+  checkpoint carries it across a kill), into a temp dir renamed into place: a
+  killed run never leaves half-written or duplicated curve rows behind;
 * warm start (``warm_start: true``): when ``--out`` already holds a model (the
   output is ``persist`` under DVC) of the same architecture, training starts
   from its weights (items aligned by id) and runs ``warm_epochs`` epochs;
@@ -114,6 +117,27 @@ def train(split: Split, features: dict, params: dict, workdir: str | os.PathLike
     return model, metrics
 
 
+def write_curves(history: list[dict], path: str | os.PathLike) -> None:
+    """dvclive curves of the whole run, from its per-epoch history, written atomically.
+
+    Logging live during training would write dvclive's files in place (a kill could
+    leave an empty ``metrics.json`` or rows of epochs the checkpoint does not hold,
+    which a resumed run would then log again); the history restored from the
+    checkpoint is the single source of truth.
+    """
+    from dvclive import Live
+
+    with atomic_path(path, is_dir=True) as tmp:
+        live = Live(str(tmp), save_dvc_exp=False, dvcyaml=None)
+        for rec in history:
+            live.log_metric("train/loss", rec["loss"])
+            for k, v in rec.items():
+                if "@" in k:
+                    live.log_metric(f"val/{k}", v)
+            live.next_step()
+        live.end()
+
+
 def main(argv=None) -> int:
     ap = parser("train_encoder", __doc__)
     ap.add_argument("--split", required=True)
@@ -131,21 +155,12 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         main_rank = int(os.environ.get("RANK", "0")) == 0
-        live = None
-        if main_rank:
-            from dvclive import Live
-
-            resume = (out / "checkpoints" / "last" / "state.json").is_file()
-            live = Live(str(out / "dvclive"), resume=resume, save_dvc_exp=False, dvcyaml=None)
-        try:
-            previous = previous_model(out / "model", params)  # persist: the last run's output
-            model, metrics = train(split, features, params, workdir=out, live=live, previous=previous)
-        finally:
-            if live is not None:
-                live.end()
+        previous = previous_model(out / "model", params)  # persist: the last run's output
+        model, metrics = train(split, features, params, workdir=out, previous=previous)
         if not main_rank:
             return 0
         model.save(out / "model")
+        write_curves(model.train_info_.get("history", []), out / "dvclive")
         write_json(out / "metrics.json", metrics)
         print("train_encoder: " + json.dumps({k: v for k, v in metrics.items()
                                                 if not isinstance(v, (list, dict))}))
@@ -153,7 +168,7 @@ def main(argv=None) -> int:
     return run_main(body)
 
 
-__all__ = ["train", "previous_model", "check_params", "load_features", "main", "atomic_path"]
+__all__ = ["train", "previous_model", "check_params", "load_features", "write_curves", "main", "atomic_path"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from pipelines.ingest import (BATCHES_FILE, LocalLanding, S3Landing, batch_hash, ingest,
-                              merge_frames)
+                              merge_frames, read_batches)
 from tests.fixtures import ROOT, write_blocks_dataset
 
 
@@ -243,3 +244,169 @@ def test_s3_landing_zone(tmp_path):
     assert len(pd.read_csv(data / "ratings.csv")) == n0 + 1
     assert (data / "images" / "i77.png").exists()
     assert (tmp_path / "q" / "bad" / "_report.txt").exists()
+
+
+# --------------------------------------------------------------------------- faults
+INGEST_PROC = textwrap.dedent("""
+    import json, sys
+    from pipelines.ingest import ingest, LocalLanding
+    from tests.pipelines.test_ingest import slow_stub_validator
+    landing, data, quarantine, dvc = sys.argv[1:5]
+    rep = ingest(LocalLanding(landing), data, quarantine, {}, validator=slow_stub_validator,
+                 dvc=dvc == "dvc")
+    print(json.dumps({"results": [[r.batch, r.status] for r in rep.results], "notes": rep.notes,
+                      "dvc_md5": rep.dvc_md5, "untrained": rep.untrained}))
+    """)
+
+
+def _ingest_proc(landing, data, quarantine, dvc=False, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", INGEST_PROC, str(landing), str(data), str(quarantine),
+                             "dvc" if dvc else "no"], env=env, cwd=cwd or ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _state(data: Path) -> tuple:
+    """The dataset's content; _batches.json by batch hashes (its merge times differ per run)."""
+    files = {p.relative_to(data).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(data.rglob("*")) if p.is_file() and p.name != BATCHES_FILE}
+    return tuple(sorted(files.items())), tuple(b["hash"] for b in read_batches(data))
+
+
+@pytest.mark.integration
+def test_same_batch_delivered_twice_at_the_same_moment_is_merged_once(tmp_path):
+    """Two ingest processes, each with its own landing zone, get the same content (two names)."""
+    data = write_blocks_dataset(tmp_path / "data" / "ds", n_users=6, n_items=6, per_user=3)
+    n0 = len(pd.read_csv(data / "ratings.csv"))
+    rows = [("u301", "i1", 1_700_000_000, 4), ("u301", "i2", 1_700_000_060, 5)]
+    make_batch(tmp_path / "land-a", "2024-06-01", rows)
+    make_batch(tmp_path / "land-b", "2024-06-01-resent", rows)
+    procs = [_ingest_proc(tmp_path / f"land-{x}", data, tmp_path / "q") for x in "ab"]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    statuses = sorted(s for o, _ in outs for _b, s in json.loads(o.strip().splitlines()[-1])["results"])
+    assert statuses == ["duplicate", "merged"], outs
+    r = pd.read_csv(data / "ratings.csv")
+    assert len(r) == n0 + 2 and (r["user_id"] == "u301").sum() == 2
+    assert len(json.loads((data / BATCHES_FILE).read_text())["batches"]) == 1
+
+
+def test_validator_crashing_halfway_leaves_the_dataset_untouched(tmp_path):
+    """Not a clean validation failure: the validator itself dies in the middle of its checks."""
+    data = write_blocks_dataset(tmp_path / "ds", n_users=4, n_items=4, per_user=2)
+    make_batch(tmp_path / "landing", "b1", [("u9", "i1", 1_700_000_000, 4)])
+    before = tree_hash(data)
+    checked = []
+
+    def crashing(path, params):
+        checked.append(pd.read_csv(Path(path) / "ratings.csv"))  # the merged candidate is complete
+        raise MemoryError("validator died halfway")
+
+    with pytest.raises(MemoryError, match="halfway"):
+        ingest(LocalLanding(tmp_path / "landing"), data, tmp_path / "q", {}, validator=crashing, dvc=False)
+    assert len(checked) == 1 and "u9" in set(checked[0]["user_id"])
+    assert tree_hash(data) == before
+    assert (tmp_path / "landing" / "b1" / "ratings.csv").exists()  # still there for the next try
+    assert not (tmp_path / "q").exists()
+    assert not [p for p in tmp_path.iterdir() if ".candidate-" in p.name]
+    rep = ingest(LocalLanding(tmp_path / "landing"), data, tmp_path / "q", {}, validator=stub_validator,
+                 dvc=False)
+    assert [r.status for r in rep.results] == ["merged"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ingest_killed_at_random_points_merges_exactly_once(tmp_path):
+    """SIGKILL an ingest of two batches at 6 seeded random points; each time the dataset is
+    as before, or holds complete batches only; the retry merges each batch exactly once."""
+    import random
+    import shutil
+    import signal
+    import time
+
+    seed_data = write_blocks_dataset(tmp_path / "seed" / "ds", n_users=6, n_items=6, per_user=3)
+    make_batch(tmp_path / "seed" / "landing", "b1", [("u501", "i1", 1_700_000_000, 4)],
+               items=["i70"], image=True)
+    make_batch(tmp_path / "seed" / "landing", "b2", [("u502", "i2", 1_700_000_000, 3)])
+
+    def fresh(name):
+        d = tmp_path / name
+        shutil.copytree(tmp_path / "seed", d)
+        return d / "landing", d / "ds", d / "q"
+
+    # a clean run: its duration places the kills, its states are the only allowed ones
+    states = {"before": _state(seed_data)}
+    landing, data, q = fresh("clean-1")
+    make_batch(tmp_path / "only-b1", "b1", [("u501", "i1", 1_700_000_000, 4)], items=["i70"], image=True)
+    ingest(LocalLanding(tmp_path / "only-b1"), data, q, {}, validator=stub_validator, dvc=False)
+    states["b1"] = _state(data)
+    landing, data, q = fresh("clean")
+    t0 = time.monotonic()
+    out, err = _ingest_proc(landing, data, q).communicate(timeout=120)
+    clean_seconds = time.monotonic() - t0
+    assert [s for _b, s in json.loads(out.strip().splitlines()[-1])["results"]] == ["merged", "merged"], err
+    states["both"] = _state(data)
+    rng = random.Random(20240611)
+    killed = 0
+    for k in range(6):
+        landing, data, q = fresh(f"kill-{k}")
+        delay = rng.uniform(0.1, 0.95) * clean_seconds
+        proc = _ingest_proc(landing, data, q)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            killed += 1
+        proc.communicate()
+        after_kill = _state(data)
+        assert after_kill in states.values(), f"kill {k} at {delay:.2f}s left a mixed dataset"
+        out, err = _ingest_proc(landing, data, q).communicate(timeout=120)  # the retry
+        rep = json.loads(out.strip().splitlines()[-1])
+        assert _state(data) == states["both"], (k, delay, rep, err[-2000:])
+        assert not [p for p in data.parent.iterdir() if ".candidate-" in p.name]
+        assert sorted(p.name for p in (landing / "_processed").iterdir()) == ["b1", "b2"]
+    assert killed >= 4, f"only {killed} of 6 kills landed while the ingest ran"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_kill_between_merge_and_dvc_add_is_versioned_by_the_next_ingest(tmp_path):
+    import signal
+    import time
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=repo, check=True, env=env, capture_output=True)
+    data = write_blocks_dataset(repo / "data" / "ds", n_users=6, n_items=6, per_user=3)
+    subprocess.run([sys.executable, "-m", "dvc", "add", "data/ds"], cwd=repo, check=True, env=env,
+                   capture_output=True)
+    md5_before = yaml.safe_load((repo / "data" / "ds.dvc").read_text())["outs"][0]["md5"]
+    make_batch(repo / "landing", "b1", [("u601", "i1", 1_700_000_000, 4)])
+    digest = batch_hash(repo / "landing" / "b1")
+    proc = _ingest_proc(repo / "landing", data, repo / "q", dvc=True, cwd=repo)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:  # merged, `dvc add` not done yet
+        if (data / BATCHES_FILE).exists() and digest in (data / BATCHES_FILE).read_text():
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the ingest finished before the kill"
+    assert yaml.safe_load((repo / "data" / "ds.dvc").read_text())["outs"][0]["md5"] == md5_before
+    assert (data.parent / ".ds.ingest-pending.json").exists()
+    out, err = _ingest_proc(repo / "landing", data, repo / "q", dvc=True, cwd=repo).communicate(timeout=120)
+    rep = json.loads(out.strip().splitlines()[-1])
+    # killed before or after the batch was archived: then it is archived now, never merged again
+    assert [s for _b, s in rep["results"]] in ([], ["duplicate"]), err
+    assert not (repo / "landing" / "b1").exists()
+    assert any("dvc add" in n for n in rep["notes"]), rep
+    assert rep["dvc_md5"] != md5_before and rep["untrained"]
+    assert not (data.parent / ".ds.ingest-pending.json").exists()
+    st = subprocess.run([sys.executable, "-m", "dvc", "status", "data/ds.dvc"], cwd=repo, env=env,
+                        capture_output=True, text=True)
+    assert "up to date" in st.stdout, st.stdout + st.stderr
+    assert (pd.read_csv(data / "ratings.csv")["user_id"] == "u601").sum() == 1
