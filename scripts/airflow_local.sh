@@ -40,6 +40,12 @@ for _ in $(seq 1 180); do  # the password file appears once the api-server has s
     kill -0 "$PID" 2>/dev/null || { echo "airflow standalone exited" >&2; exit 1; }
     sleep 1
 done
+for _ in $(seq 1 180); do  # ... and the UI answers a little later: print the address only then
+    python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+        "http://localhost:$AIRFLOW__API__PORT/api/v2/version" 2>/dev/null && break
+    kill -0 "$PID" 2>/dev/null || { echo "airflow standalone exited" >&2; exit 1; }
+    sleep 1
+done
 echo
 echo "================================================================"
 echo " Airflow UI:  http://localhost:$AIRFLOW__API__PORT"
