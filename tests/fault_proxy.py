@@ -25,6 +25,14 @@ from typing import Callable
 from tests.s3_server import free_port
 
 
+
+def _shutdown(*socks: socket.socket) -> None:
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
 class FaultProxy:
     def __init__(self, upstream_port: int, host: str = "127.0.0.1"):
         self.host, self.upstream_port = host, upstream_port
@@ -109,11 +117,7 @@ class FaultProxy:
         except OSError:
             pass
         finally:
-            for s in (client, upstream):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shutdown(client, upstream)
 
     def _begin(self, head: bytes, state: dict) -> bool:
         """A request head arrived: False if the proxy goes down before forwarding it."""
@@ -176,8 +180,4 @@ class FaultProxy:
         except OSError:
             pass
         finally:
-            for s in (client, upstream):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shutdown(client, upstream)

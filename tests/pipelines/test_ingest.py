@@ -152,6 +152,16 @@ def test_ignores_hidden_and_unmarked_batches(tmp_path):
     assert batch_hash(landing / "ready") == batch_hash(landing / "notyet")
 
 
+def git_dvc_repo(tmp_path):
+    """An empty git + DVC repository and the environment to run the project's code in it."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=repo, check=True, env=env, capture_output=True)
+    return repo, env
+
+
 @pytest.mark.integration
 def test_concurrent_ingests_merge_each_batch_exactly_once(tmp_path):
     data = write_blocks_dataset(tmp_path / "data" / "ds", n_users=6, n_items=6, per_user=3)
@@ -187,11 +197,7 @@ def test_real_validation_and_dvc_versioning(tmp_path):
     """Same GE suites as the validate stage; a merge makes a new DVC version of the dataset."""
     import os
 
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=repo, check=True, env=env, capture_output=True)
+    repo, env = git_dvc_repo(tmp_path)
     data = write_blocks_dataset(repo / "data" / "ds", n_users=8, n_items=8, per_user=4)
     landing = repo / "landing"
     make_batch(landing, "a-good", [("u1", "i1", 1_700_000_000, 4), ("u1", "i3", 1_700_000_050, 3)])
@@ -375,11 +381,7 @@ def test_kill_between_merge_and_dvc_add_is_versioned_by_the_next_ingest(tmp_path
     import signal
     import time
 
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=repo, check=True, env=env, capture_output=True)
+    repo, env = git_dvc_repo(tmp_path)
     data = write_blocks_dataset(repo / "data" / "ds", n_users=6, n_items=6, per_user=3)
     subprocess.run([sys.executable, "-m", "dvc", "add", "data/ds"], cwd=repo, check=True, env=env,
                    capture_output=True)
