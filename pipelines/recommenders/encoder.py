@@ -134,6 +134,8 @@ DEFAULTS: dict[str, Any] = {
     "ema": 0.995,                 # >0: evaluate / export an exponential moving average of the weights
     "seed": 42, "device": "auto", "precision": "auto", "compile": False, "threads": 0,
     "deterministic": True, "max_train_seconds": 0,
+    # after early stopping on the val fold, retrain on every training row for the best epoch count
+    "refit": True, "refit_tolerance": 0.01,  # relative: see refit_epochs()
     # incremental retraining: start from the previous model (tasks.train_encoder reads it)
     "warm_start": False, "warm_epochs": 3,
     "warm_samples_per_epoch": 10000,  # warm epochs: users whose history changed first, then others (0 = all)
@@ -779,8 +781,38 @@ class EncoderRecommender(Recommender):
         prev = torch.are_deterministic_algorithms_enabled()
         try:
             self._train(data)
+            if self.params["refit"] and "fold" in data.df and (data.df["fold"] == "val").any():
+                self._refit(data)
         finally:
             torch.use_deterministic_algorithms(prev)
+
+    def _refit(self, data: Interactions) -> None:
+        """Phase 2: a fresh model on every training row (fit + val) for the best epoch count.
+
+        Phase 1 (:meth:`_train` on the ``fit`` rows) early-stopped on the ``val`` fold;
+        its epoch count (see :func:`refit_epochs`), schedule and seed are reused, so the
+        exported model differs only in having learned from the val rows too (as the CF
+        ``full`` models do).  On ML-100K this was worth about +0.01 NDCG@10.
+        Checkpoints of this phase go to ``<workdir>/refit/``: a run killed here resumes
+        phase 1 from its finished checkpoint (export only) and this phase where it stopped.
+        """
+        info1 = dict(self.train_info_)
+        epochs = refit_epochs(info1.get("history", []), f"recall@{int(self.params['eval_k'])}",
+                              float(self.params["refit_tolerance"]), int(info1["best_epoch"]))
+        p2 = {k: v for k, v in self.params.items() if not k.startswith("_")}
+        p2.update(refit=False, epochs=epochs, patience=0, warm_epochs=epochs)
+        sub = EncoderRecommender(**p2).set_side_info(self._features, self._users)
+        sub.set_run(self._workdir / "refit" if self._workdir is not None else None)
+        sub.set_warm_start(self._warm)
+        sub.fit(Interactions.build(data.df.drop(columns=["fold", "uidx", "iidx"]), data.user_ids,
+                                   data.item_ids))
+        self.user_vecs_, self.item_vecs_, self.prior_vec_ = sub.user_vecs_, sub.item_vecs_, sub.prior_vec_
+        self.weights_, self._model = sub.weights_, sub._model
+        self.params["_arch"] = sub.params["_arch"]
+        info2 = sub.train_info_
+        self.train_info_ = {**info1, "refit": {
+            "epochs": epochs, "train_seconds": info2["train_seconds"],
+            "resumed_from_epoch": info2["resumed_from_epoch"], "warm_start": info2["warm_start"]}}
 
     def _train(self, data: Interactions) -> None:
         torch = _torch()
@@ -916,7 +948,11 @@ class EncoderRecommender(Recommender):
                     torch.nn.utils.clip_grad_norm_(model.parameters(), float(p["grad_clip"]))
                 opt.step()
                 if ema_state is not None:  # warm-up: decay min(ema, (1 + step) / (10 + step))
-                    decay = min(ema, (1.0 + state["step"]) / (10.0 + state["step"]))
+                    # a warm start continues the previous model's average (no warm-up): with
+                    # the warm-up, 2 warm epochs exported nearly raw, noisy weights (ML-100K
+                    # rerun: NDCG@10 0.4475 -> 0.4191)
+                    decay = ema if warm_info["used"] else \
+                        min(ema, (1.0 + state["step"]) / (10.0 + state["step"]))
                     with torch.no_grad():
                         for k, v in model.named_parameters():
                             ema_state[k].mul_(decay).add_(v.detach(), alpha=1.0 - decay)
@@ -1210,6 +1246,21 @@ def _val_metrics(U: np.ndarray, V: np.ndarray, b: np.ndarray, hist_fit: _Histori
     idcg = np.cumsum(disc)[np.minimum(n_true, k) - 1]
     return {f"recall@{k}": float(np.mean(hits.sum(1) / n_true)),
             f"ndcg@{k}": float(np.mean((hits * disc).sum(1) / idcg))}
+
+
+def refit_epochs(history: list[dict], key: str, tolerance: float, best_epoch: int) -> int:
+    """Epochs for the refit: the last epoch whose val ``key`` is within ``tolerance``
+    (relative) of the best one.
+
+    Validation curves are flat near their peak (ML-100K, 1 layer: recall@20 0.2866 at
+    epoch 5, 0.2856 at epoch 10); the refit has more data, so among epochs that validate
+    alike it takes the longest run.  ``tolerance: 0`` gives the best epoch itself.
+    """
+    vals = [(int(r["epoch"]), float(r[key])) for r in history if key in r]
+    if not vals:
+        return max(1, int(best_epoch))
+    best = max(v for _, v in vals)
+    return max(1, max(e for e, v in vals if v >= best * (1.0 - float(tolerance))))
 
 
 def _lr_at(p: dict, epoch: int) -> float:

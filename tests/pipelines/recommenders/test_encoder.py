@@ -14,7 +14,7 @@ from pipelines.data import Interactions  # noqa: E402
 from pipelines.recommenders import Recommender  # noqa: E402
 from tests.recommender_mixin import ArtifactContract  # noqa: E402
 from pipelines.recommenders.encoder import (  # noqa: E402
-    EncoderRecommender, attribute_codes, attribute_spec, build_module)
+    EncoderRecommender, attribute_codes, attribute_spec, build_module, refit_epochs)
 
 N_USERS, N_ITEMS, HALF = 48, 24, 12
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "max_len": 16, "batch_size": 16, "epochs": 12,
@@ -242,3 +242,46 @@ def test_tampered_checkpoint_fails_with_an_error_naming_the_file(tmp_path, damag
         EncoderRecommender(**{**TINY, "epochs": 2}).set_run(work).fit(data)  # same run: resumes
     assert str(victim) in str(info.value) and "delete" in str(info.value)
     assert not marker.exists()
+
+
+def test_refit_epochs_takes_the_last_epoch_that_validates_like_the_best():
+    hist = [{"epoch": e, "loss": 1.0, "recall@20": r}
+            for e, r in enumerate([0.20, 0.28, 0.2866, 0.283, 0.2856, 0.25], start=1)]
+    assert refit_epochs(hist, "recall@20", 0.01, 3) == 5       # 0.2856 >= 0.99 * 0.2866
+    assert refit_epochs(hist, "recall@20", 0.0, 3) == 3        # no tolerance: the best epoch
+    assert refit_epochs(hist, "recall@20", 0.5, 3) == 6
+    assert refit_epochs([], "recall@20", 0.01, 4) == 4         # no curve (no val fold)
+    assert refit_epochs([{"epoch": 1, "loss": 2.0}], "recall@20", 0.01, 0) == 1
+
+
+def test_refit_learns_from_the_val_rows_too():
+    data, users, feat = blocks()
+    df = data.df.copy()
+    only_val = "i11"  # an item seen in val rows only: the fit-fold model cannot know its id
+    df.loc[df["item_id"] == only_val, "fold"] = "val"
+    data = Interactions.build(df.drop(columns=["uidx", "iidx"]), data.user_ids, data.item_ids)
+    j = list(data.item_ids).index(only_val)
+    plain = fit(data, users, feat, epochs=4, refit=False)
+    both = fit(data, users, feat, epochs=4, refit=True, refit_tolerance=0.0)
+    assert "refit" not in plain.train_info_ and plain.weights_["known"][1 + j] == 0
+    info = both.train_info_["refit"]
+    hist = both.train_info_["history"]
+    assert info["epochs"] == refit_epochs(hist, "recall@20", 0.0, 0) >= both.train_info_["best_epoch"]
+    assert both.weights_["known"][1 + j] == 1  # the exported model is the one fitted on every row
+    # phase 1 is the same run as without refit: same curve
+    assert [r["loss"] for r in both.train_info_["history"]] == \
+        [r["loss"] for r in plain.train_info_["history"]]
+    assert block_share(both, [f"u{u}" for u in range(0, N_USERS, 2)], range(HALF)) > 0.8
+
+
+def test_warm_start_continues_the_moving_average():
+    data, users, feat = blocks()
+    prev = fit(data, users, feat, epochs=3, refit=False)
+    warm = EncoderRecommender(**{**TINY, "epochs": 3, "warm_epochs": 1, "lr": 5e-2, "refit": False})
+    warm.set_side_info({"text": (feat, np.ones(N_ITEMS, bool))}, users).set_warm_start(prev)
+    warm.fit(data)
+    assert warm.train_info_["warm_start"]["used"]
+    a, b = prev.weights_["item_emb.weight"], warm.weights_["item_emb.weight"]
+    # a few high-LR steps move the raw weights a lot; the exported average stays near the
+    # previous model (a restarted average would export nearly the raw weights)
+    assert np.linalg.norm(b - a) / np.linalg.norm(a) < 0.1
