@@ -51,7 +51,11 @@ Training: AdamW with a cosine learning-rate schedule, an exponential moving
 average of the weights (``ema``, with the usual ``(1+t)/(10+t)`` warm-up) that
 is what gets evaluated and exported, early stopping on Recall@``eval_k`` over
 the ``val`` fold (the model sees only ``fit`` rows; at the end the user
-vectors are computed from the whole training history).  On ML-100K the
+vectors are computed from the whole training history).  With ``refit`` (default)
+a second, fresh model is then trained on every training row (fit + val) for the
+epoch count that validated best (:func:`refit_epochs`), and that one is exported.
+Attribute crosses shared by fewer than ``attr_cross_min_users`` users are not
+embedded (``cross_keep`` buffer): rare combinations act as user ids.  On ML-100K the
 moving average was worth about +0.03 NDCG@10: single-epoch weights are noisy.  Seeded per epoch (numpy and torch), CPU
 runs use deterministic algorithms: the same params and data give the same
 weights.  CUDA is used when present (bf16 autocast, optional ``torch.compile``).
@@ -805,14 +809,23 @@ class EncoderRecommender(Recommender):
         its epoch count (see :func:`refit_epochs`), schedule and seed are reused, so the
         exported model differs only in having learned from the val rows too (as the CF
         ``full`` models do).  On ML-100K this was worth about +0.01 NDCG@10.
+        ``max_train_seconds`` bounds both phases together: this one gets what the first
+        left (none left: phase 1's model is exported).
         Checkpoints of this phase go to ``<workdir>/refit/``: a run killed here resumes
         phase 1 from its finished checkpoint (export only) and this phase where it stopped.
         """
         info1 = dict(self.train_info_)
+        budget = float(self.params["max_train_seconds"])
+        left = budget - float(info1["train_seconds"]) if budget > 0 else 0.0
+        if budget > 0 and left < 0.1 * budget:  # the time box is spent: export phase 1
+            self.train_info_ = {**info1, "refit": {"skipped": f"max_train_seconds {budget:g} spent "
+                                                              f"by the first phase"}}
+            log.info("refit skipped: max_train_seconds spent by the first phase")
+            return
         epochs = refit_epochs(info1.get("history", []), f"recall@{int(self.params['eval_k'])}",
                               float(self.params["refit_tolerance"]), int(info1["best_epoch"]))
         p2 = {k: v for k, v in self.params.items() if not k.startswith("_")}
-        p2.update(refit=False, epochs=epochs, patience=0, warm_epochs=epochs)
+        p2.update(refit=False, epochs=epochs, patience=0, warm_epochs=epochs, max_train_seconds=left)
         sub = EncoderRecommender(**p2).set_side_info(self._features, self._users)
         sub.set_run(self._workdir / "refit" if self._workdir is not None else None)
         sub.set_warm_start(self._warm)

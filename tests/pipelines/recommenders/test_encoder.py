@@ -303,3 +303,10 @@ def test_rare_attribute_crosses_are_not_embedded():
     assert keep[cross[:N_USERS, 0]].all() and not keep[cross[:N_USERS, 1:]].any()
     # the mask travels with the saved model: new users are encoded the same way
     assert np.array_equal(m.torch_module().cross_keep.numpy(), keep)
+
+
+def test_refit_shares_the_time_box_with_the_first_phase():
+    data, users, feat = blocks()
+    m = fit(data, users, feat, epochs=3, refit=True, max_train_seconds=1e-6)
+    assert "skipped" in m.train_info_["refit"]  # the first phase spent it: its model is exported
+    assert m.weights_["known"].sum() == len(np.unique(data.df[data.df["fold"] == "fit"]["iidx"]))
