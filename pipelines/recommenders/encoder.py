@@ -825,7 +825,10 @@ class EncoderRecommender(Recommender):
         epochs = refit_epochs(info1.get("history", []), f"recall@{int(self.params['eval_k'])}",
                               float(self.params["refit_tolerance"]), int(info1["best_epoch"]))
         p2 = {k: v for k, v in self.params.items() if not k.startswith("_")}
-        p2.update(refit=False, epochs=epochs, patience=0, warm_epochs=epochs, max_train_seconds=left)
+        p2.update(refit=False, epochs=epochs, patience=0, warm_epochs=epochs)
+        # what is left of the box varies run to run: a "_" key stays out of the checkpoint's
+        # fingerprint, so a killed refit resumes (and a retry writes the same checkpoint)
+        p2["_time_box"] = left
         sub = EncoderRecommender(**p2).set_side_info(self._features, self._users)
         sub.set_run(self._workdir / "refit" if self._workdir is not None else None)
         sub.set_warm_start(self._warm)
@@ -1012,7 +1015,8 @@ class EncoderRecommender(Recommender):
                 state["history"].append(rec)
                 stop = (epoch >= int(p["min_epochs"]) and int(p["patience"]) > 0
                         and int(state["bad_epochs"]) >= int(p["patience"]))
-                if float(p["max_train_seconds"]) > 0 and elapsed >= float(p["max_train_seconds"]):
+                box = float(p.get("_time_box", p["max_train_seconds"]))
+                if box > 0 and elapsed >= box:
                     stop = True
                 state["epoch"] = epoch
                 state["done"] = bool(stop or epoch >= int(p["epochs"]))

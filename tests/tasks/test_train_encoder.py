@@ -127,6 +127,16 @@ def test_rerun_after_finish_reuses_the_checkpoint(tmp_path):
     m2, info2 = train_encoder.train(split, {}, {**TINY, "epochs": 2}, workdir=tmp_path / "w")
     assert info2["resumed_from_epoch"] == 2
     assert np.array_equal(m1.item_vecs_, m2.item_vecs_)
+    assert info2["refit"]["resumed_from_epoch"] == info1["refit"]["epochs"]  # both phases
+    # a time box: what the first phase leaves to the refit varies from run to run, yet two
+    # runs write the same refit checkpoint (its fingerprint does not depend on timing)
+    box = {**TINY, "epochs": 2, "max_train_seconds": 1000}
+    states = []
+    for wd in ("box1", "box2"):
+        train_encoder.train(split, {}, box, workdir=tmp_path / wd)
+        states.append(json.loads((tmp_path / wd / "refit" / "checkpoints" / "last" /
+                                  "state.json").read_text()))
+    assert states[0]["fingerprint"] == states[1]["fingerprint"]
     # other params -> the checkpoint is ignored, training starts afresh
     _, info3 = train_encoder.train(split, {}, {**TINY, "epochs": 2, "lr": 1e-3}, workdir=tmp_path / "w")
     assert info3["resumed_from_epoch"] == 0
