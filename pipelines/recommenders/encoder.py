@@ -832,10 +832,9 @@ class EncoderRecommender(Recommender):
         sub = EncoderRecommender(**p2).set_side_info(self._features, self._users)
         sub.set_run(self._workdir / "refit" if self._workdir is not None else None)
         sub.set_warm_start(self._warm)
-        sub.fit(Interactions.build(data.df.drop(columns=["fold", "uidx", "iidx"]), data.user_ids,
-                                   data.item_ids))
+        sub.fit(Interactions(data.df.drop(columns="fold"), data.user_ids, data.item_ids))
         self.user_vecs_, self.item_vecs_, self.prior_vec_ = sub.user_vecs_, sub.item_vecs_, sub.prior_vec_
-        self.weights_, self._model = sub.weights_, sub._model
+        self.weights_ = sub.weights_
         self.params["_arch"] = sub.params["_arch"]
         info2 = sub.train_info_
         self.train_info_ = {**info1, "refit": {
@@ -1052,7 +1051,6 @@ class EncoderRecommender(Recommender):
                             "train_seconds": round(float(state["train_seconds"]), 2),
                             "device": str(device), "world_size": dist["world"],
                             "warm_start": warm_info}
-        self._model = model
 
     def _load_buffers(self, model, known: np.ndarray) -> None:
         torch = _torch()
