@@ -17,8 +17,9 @@ the most recent interactions by timestamp).  The graph runs cold on the base
 (these are the size's figures, at ``n_interactions`` = the base's count), then
 reruns in the same work directory on the whole dataset: the feature stages
 reuse the embeddings of unchanged items (content-hash cache), ``train_encoder``
-and ALS/BPR warm-start from the previous outputs (``warm_start`` params), as
-``dvc repro`` does with the ``persist`` outputs.  The rerun's seconds per
+and ALS/BPR warm-start from the previous outputs and ``fuse`` reuses its ranker
+and rescores only the users whose training rows changed (``warm_start``
+params), as ``dvc repro`` does with the ``persist`` outputs.  The rerun's seconds per
 stage and its ratio to the cold run are recorded (conservative: the rerun has
 5% more data than the cold run it is compared with).
 
@@ -194,6 +195,10 @@ def _reuse(wd: Path) -> dict:
     f = wd / "artifacts" / "fit_cf" / "summary.json"
     if f.is_file():
         out["fit_cf"] = json.loads(f.read_text(encoding="utf-8")).get("warm_start")
+    f = wd / "artifacts" / "fuse" / "summary.json"
+    if f.is_file():
+        s = json.loads(f.read_text(encoding="utf-8"))
+        out["fuse"] = {"warm_start": s.get("warm_start"), "seconds": s.get("seconds")}
     return out
 
 

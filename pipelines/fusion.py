@@ -148,7 +148,19 @@ DEFAULTS: dict = {
     "model_cold_users": False,
     "memory_mb": 512,  # scratch budget per user batch (dense score matrices)
     "cold_item_slots": 0,  # reserve the last N of the top-k for the best-ranked cold items
+    # incremental retraining (see reuse_decision): reuse the previous run's ranker when the
+    # training data grew by at most warm_max_growth (relative) and every other fuse param is the
+    # same; after warm_max_reuses reuses in a row the ranker is trained again
+    "warm_start": False,
+    "warm_max_growth": 0.10,
+    "warm_max_reuses": 3,
+    # with a reused ranker: 'changed' rescores only the users whose training rows (or
+    # attributes) changed and keeps the previous lists of the others; 'all' rescores everyone
+    "rescore": "changed",
 }
+
+# params that do not change what a trained ranker is (its reuse ignores them)
+WARM_KEYS = ("warm_start", "warm_max_growth", "warm_max_reuses", "rescore", "num_threads")
 
 
 
@@ -172,7 +184,20 @@ def resolve_params(params: dict | None) -> dict:
         raise ValueError(f"fuse.cv_folds must be >= 1, got {p['cv_folds']}")
     if not 0.0 <= float(p["eval_fraction"]) < 1.0:
         raise ValueError(f"fuse.eval_fraction must be in [0, 1), got {p['eval_fraction']}")
+    if p["rescore"] not in ("changed", "all"):
+        raise ValueError(f"fuse.rescore must be changed or all, got {p['rescore']!r}")
+    if float(p["warm_max_growth"]) < 0 or int(p["warm_max_reuses"]) < 0:
+        raise ValueError("fuse.warm_max_growth and fuse.warm_max_reuses must be >= 0, got "
+                         f"{p['warm_max_growth']} and {p['warm_max_reuses']}")
     return p
+
+
+def params_fingerprint(p: dict) -> str:
+    """Hash of every fuse param that shapes the ranker or its features (not :data:`WARM_KEYS`)."""
+    import hashlib
+
+    keep = {k: v for k, v in p.items() if k not in WARM_KEYS}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def n_candidates(p: dict, name: str) -> int:
@@ -1592,6 +1617,89 @@ def recommend_all(ranker: Ranker, fb: FeatureBuilder, user_idx: np.ndarray, p: d
     return table, stats
 
 
+# =========================================================================== incremental reuse
+
+def user_state(split: Split) -> pd.DataFrame:
+    """One row per catalogue user: ``user_id``, ``n_train`` and ``digest``.
+
+    ``digest`` is an order-free hash (wrapping sum of row hashes) of the user's training rows
+    (user, item, timestamp, rating) and attribute row: equal digests = the test-time features
+    of that user were computed from the same rows.
+    """
+    ids = split.user_ids
+    index = pd.Index(ids)
+    digest = np.zeros(len(ids), np.uint64)
+    n = np.zeros(len(ids), np.int64)
+    tr = split.train
+    if len(tr):
+        cols = [c for c in (USER, ITEM, TS, RATING) if c in tr.columns]
+        h = pd.util.hash_pandas_object(tr[cols].astype({USER: str, ITEM: str}), index=False)
+        pos = index.get_indexer(tr[USER].astype(str))
+        np.add.at(digest, pos, h.to_numpy(np.uint64))
+        n = np.bincount(pos, minlength=len(ids)).astype(np.int64)
+    us = split.users
+    if us is not None and len(us) and USER in us.columns:
+        attrs = us.astype({USER: str}).sort_index(axis=1)
+        h = pd.util.hash_pandas_object(attrs.astype(str), index=False).to_numpy(np.uint64)
+        pos = index.get_indexer(attrs[USER])
+        ok = pos >= 0
+        np.add.at(digest, pos[ok], h[ok])
+    return pd.DataFrame({USER: np.asarray(ids, dtype=object).astype(str), "n_train": n,
+                         "digest": digest})
+
+
+def reuse_decision(previous: dict | None, p: dict, state: pd.DataFrame) -> tuple[bool, str]:
+    """Whether the previous run's ranker may be reused, and why (not).
+
+    ``previous``: ``{"summary", "ranker", "recommendations", "user_state"}`` of the last
+    output (None when there is none).  Reused when ``warm_start`` is on, the previous run had
+    the same :func:`params_fingerprint`, its ranker has been reused fewer than
+    ``warm_max_reuses`` times in a row, and the training rows grew by at most
+    ``warm_max_growth`` (relative; shrinking data always retrains).  The features must also
+    match, checked once the test-time feature builder exists.
+    """
+    if not p["warm_start"]:
+        return False, "warm_start off"
+    if previous is None:
+        return False, "no previous output"
+    summ = previous["summary"]
+    if summ.get("params_fingerprint") != params_fingerprint(p):
+        return False, "fuse params changed since the previous ranker was trained"
+    reuses = int(summ.get("warm_start", {}).get("reuses", 0))
+    if reuses >= int(p["warm_max_reuses"]):
+        return False, f"ranker already reused {reuses} times in a row (warm_max_reuses)"
+    before = int(summ.get("n_train_interactions", 0))
+    now = int(state["n_train"].sum())
+    if before <= 0 or now < before:
+        return False, f"training rows went from {before} to {now}"
+    growth = now / before - 1.0
+    if growth > float(p["warm_max_growth"]):
+        return False, f"training rows grew {growth:.1%} > warm_max_growth {float(p['warm_max_growth']):.0%}"
+    return True, f"training rows grew {growth:.1%}"
+
+
+def changed_users(previous_state: pd.DataFrame | None, state: pd.DataFrame) -> np.ndarray:
+    """[len(state)] bool: users that are new or whose digest differs from ``previous_state``."""
+    if previous_state is None:
+        return np.ones(len(state), bool)
+    pos = pd.Index(previous_state[USER].astype(str)).get_indexer(state[USER].astype(str))
+    known = pos >= 0  # (no reindex: a missing user would turn the uint64 digests into floats)
+    same = np.zeros(len(state), bool)
+    same[known] = (previous_state["digest"].to_numpy(np.uint64)[pos[known]]
+                   == state["digest"].to_numpy(np.uint64)[known])
+    return ~same
+
+
+def kept_recommendations(recs: pd.DataFrame, keep_users: np.ndarray, item_ids: np.ndarray,
+                         k: int) -> pd.DataFrame:
+    """The previous lists of ``keep_users``, without items gone from the catalogue (re-ranked)."""
+    r = recs[recs[USER].astype(str).isin(set(map(str, keep_users)))
+             & recs[ITEM].astype(str).isin(set(map(str, item_ids)))]
+    r = r.sort_values([USER, "rank"], kind="stable")
+    r = r.assign(rank=r.groupby(USER, sort=False).cumcount().to_numpy() + 1)
+    return r[r["rank"] <= k].reset_index(drop=True)
+
+
 # =========================================================================== the stage
 
 def _add_cross_folds(ts: dict, folds: list, split: Split, fit_models: dict[str, Recommender],
@@ -1633,72 +1741,121 @@ def _add_cross_folds(ts: dict, folds: list, split: Split, fit_models: dict[str, 
     return out, stats
 
 
-def fuse(split: Split, fit_models: dict[str, Recommender], full_models: dict[str, Recommender],
+def fuse(split: Split, fit_models: dict[str, Recommender] | Callable[[], dict[str, Recommender]],
+         full_models: dict[str, Recommender],
          item_features: dict[str, tuple] | None = None, profiles: pd.DataFrame | None = None,
-         params: dict | None = None) -> dict:
-    """Pure stage logic. Returns ``recommendations``, ``ranker``, ``importances``, ``summary``."""
+         params: dict | None = None, previous: dict | None = None) -> dict:
+    """Pure stage logic. Returns ``recommendations``, ``ranker``, ``importances``, ``summary``,
+    ``user_state``.
+
+    ``fit_models`` may be a callable that loads them: a reused ranker (``previous``, see
+    :func:`reuse_decision`) needs no fit-fold model, so they are not even loaded then.
+    """
     p = resolve_params(params)
     timings = {}
     t = time.perf_counter()
-    if p.get("sources"):  # only the selected sources are scored (and re-fitted)
-        fit_models = {n: m for n, m in fit_models.items() if n in set(p["sources"])}
-        full_models = {n: m for n, m in full_models.items() if n in set(p["sources"])}
-    if set(fit_models) != set(full_models):
-        raise ValueError(f"fusion: fit models {sorted(fit_models)} and full models "
-                         f"{sorted(full_models)} differ: every source needs both variants")
+    wanted = set(p["sources"]) if p.get("sources") else None  # only these are scored / re-fitted
+
+    def pick(models: dict) -> dict:
+        return {n: m for n, m in models.items() if wanted is None or n in wanted}
+
+    full_models = pick(full_models)
     items = build_item_side(split.items, split.item_ids, item_features, p)
     users = build_user_side(split.users, split.user_ids, p, profiles)
+    state = user_state(split)
     timings["item_user_side"] = time.perf_counter() - t
 
-    # ---- training: fit-fold models + fit-fold rows; labels = val rows
-    t = time.perf_counter()
-    check_no_leak(fit_models, split.val())
-    world = training_world(split, p)
-    train_models = fit_models
-    if p["refit_sources"]:
-        train_models = {n: clone_model(m).fit(world["context"]) for n, m in fit_models.items()}
-        check_no_leak(train_models, world["labels"], what="training label")
-    ctx_fit = build_context(world["context"], items, users, p)
-    fb_fit = FeatureBuilder(make_sources(train_models, ctx_fit, items, users, p), ctx_fit, items,
-                            users, p)
-    ts = build_training_set(fb_fit, world["labels"], p)
-    folds = cross_folds(split, int(p["cv_folds"]), int(p["seed"]))
-    if folds:
-        ts, fold_stats = _add_cross_folds(ts, folds, split, fit_models, items, users, p)
-        world["stats"]["cross_folds"] = fold_stats
-    # (not "train_features": that key is the training FeatureBuilder's own timing, below)
-    timings["training_set"] = time.perf_counter() - t
-    log.info("fusion: %d training rows, candidate recall on val %.3f", len(ts["y"]),
-             ts["stats"]["candidate_recall"])
-    t = time.perf_counter()
-    src_names = [s.name for s in fb_fit.sources]
-    ranker, diag = train_ranker(ts, fb_fit.names, src_names, p)
-    timings["train_ranker"] = time.perf_counter() - t
-    train_stats = ts["stats"]
-    del ts
+    reuse, why = reuse_decision(previous, p, state)
+    fb_full = None
+    if reuse:  # the test-time features must be those the previous ranker was trained on
+        t = time.perf_counter()
+        ctx_full = build_context(split.interactions(), items, users, p)
+        fb_full = FeatureBuilder(make_sources(full_models, ctx_full, items, users, p), ctx_full,
+                                 items, users, p)
+        timings["test_context"] = time.perf_counter() - t
+        if list(previous["ranker"].features) != list(fb_full.names):
+            reuse, why = False, "the features differ from the previous ranker's"
+    log.info("fusion: %s the previous ranker (%s)", "reusing" if reuse else "not reusing", why)
 
-    # ---- test time: full models + all training rows, every catalogue user
+    if reuse:
+        ranker = previous["ranker"]
+        src_names = [s.name for s in fb_full.sources]
+        prev_summ = previous["summary"]
+        train_stats = {**prev_summ.get("training", {}), "reused_from_previous_run": True}
+        n_features = len(fb_full.names)
+        changed = changed_users(previous["user_state"], state) if p["rescore"] == "changed" else \
+            np.ones(len(state), bool)
+        warm = {"used": True, "reason": why, "reuses": int(prev_summ.get("warm_start", {})
+                                                         .get("reuses", 0)) + 1,
+                "rescore": p["rescore"], "rescored_users": int(changed.sum()),
+                "kept_users": int((~changed).sum())}
+    else:
+        if callable(fit_models):
+            fit_models = fit_models()
+        fit_models = pick(fit_models)
+        if set(fit_models) != set(full_models):
+            raise ValueError(f"fusion: fit models {sorted(fit_models)} and full models "
+                             f"{sorted(full_models)} differ: every source needs both variants")
+        warm = {"used": False, "reason": why, "reuses": 0}
+        changed = np.ones(len(state), bool)
+        # ---- training: fit-fold models + fit-fold rows; labels = val rows
+        t = time.perf_counter()
+        check_no_leak(fit_models, split.val())
+        world = training_world(split, p)
+        train_models = fit_models
+        if p["refit_sources"]:
+            train_models = {n: clone_model(m).fit(world["context"]) for n, m in fit_models.items()}
+            check_no_leak(train_models, world["labels"], what="training label")
+        ctx_fit = build_context(world["context"], items, users, p)
+        fb_fit = FeatureBuilder(make_sources(train_models, ctx_fit, items, users, p), ctx_fit,
+                                items, users, p)
+        ts = build_training_set(fb_fit, world["labels"], p)
+        folds = cross_folds(split, int(p["cv_folds"]), int(p["seed"]))
+        if folds:
+            ts, fold_stats = _add_cross_folds(ts, folds, split, fit_models, items, users, p)
+            world["stats"]["cross_folds"] = fold_stats
+        # (not "train_features": that key is the training FeatureBuilder's own timing, below)
+        timings["training_set"] = time.perf_counter() - t
+        log.info("fusion: %d training rows, candidate recall on val %.3f", len(ts["y"]),
+                 ts["stats"]["candidate_recall"])
+        t = time.perf_counter()
+        src_names = [s.name for s in fb_fit.sources]
+        ranker, diag = train_ranker(ts, fb_fit.names, src_names, p)
+        timings["train_ranker"] = time.perf_counter() - t
+        train_stats = {**ts["stats"], **diag, **ranker.info, "simulation": world["stats"]}
+        n_features = len(fb_fit.names)
+        timings.update({f"train_{k}": v for k, v in fb_fit.timings.items()})
+        del ts
+
+    # ---- test time: full models + all training rows, every (changed) catalogue user
     t = time.perf_counter()
-    ctx_full = build_context(split.interactions(), items, users, p)
-    fb_full = FeatureBuilder(make_sources(full_models, ctx_full, items, users, p), ctx_full, items,
-                             users, p)
+    if fb_full is None:
+        ctx_full = build_context(split.interactions(), items, users, p)
+        fb_full = FeatureBuilder(make_sources(full_models, ctx_full, items, users, p), ctx_full,
+                                 items, users, p)
     explainer = Explainer(ctx_full, items, users, p)
-    recs, rstats = recommend_all(ranker, fb_full, np.arange(len(users.user_ids)), p, explainer)
+    recs, rstats = recommend_all(ranker, fb_full, np.nonzero(changed)[0], p, explainer)
+    if not changed.all():
+        kept = kept_recommendations(previous["recommendations"], state[USER].to_numpy()[~changed],
+                                    items.item_ids, int(p["k"]))
+        recs = (pd.concat([kept, recs], ignore_index=True) if len(recs) else kept).sort_values(
+            [USER, "rank"], kind="stable").reset_index(drop=True)
     timings["recommend"] = time.perf_counter() - t
-    timings.update({f"train_{k}": v for k, v in fb_fit.timings.items()})
     timings.update({f"test_{k}": v for k, v in fb_full.timings.items()})
     summary = {
         "k": int(p["k"]), "ranker": ranker.kind, "sources": src_names,
-        "modalities": sorted(items.emb), "n_features": len(fb_fit.names),
+        "modalities": sorted(items.emb), "n_features": n_features,
         "n_users": int(len(users.user_ids)), "n_items": int(items.n_items),
         "n_segments": int(users.n_seg), "segment_attributes": sorted(users.attrs),
-        "training": {**train_stats, **diag, **ranker.info, "simulation": world["stats"]},
+        "n_train_interactions": int(state["n_train"].sum()),
+        "params_fingerprint": params_fingerprint(p), "warm_start": warm,
+        "training": train_stats,
         "test": {k2: v for k2, v in rstats.items() if not k2.startswith("seconds")},
         "seconds": {k2: round(v, 3) for k2, v in timings.items()} |
                    {k2: v for k2, v in rstats.items() if k2.startswith("seconds")},
     }
     return {"recommendations": recs, "ranker": ranker, "importances": ranker.importances(),
-            "summary": summary}
+            "summary": summary, "user_state": state}
 
 
 # =========================================================================== loading helpers

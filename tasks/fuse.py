@@ -12,8 +12,15 @@ not exist is skipped with a log line (its features are simply absent).
 Outputs (``--out``): ``recommendations.parquet`` (user_id, item_id, rank,
 score, reason, sources; every catalogue user), ``model.txt`` (LightGBM text
 model; ``model.json`` tree dump for the scikit-learn fallback) +
-``features.json``, ``feature_importance.json``, ``summary.json`` (timings,
-candidates per user, candidate recall on the validation fold, k).  ``--report``:
+``features.json``, ``feature_importance.json``, ``user_state.parquet`` (a
+digest of each user's training rows), ``summary.json`` (timings, candidates
+per user, candidate recall on the validation fold, k, ``warm_start``).
+
+Incremental retraining (``warm_start: true``): when ``--out`` already holds an
+earlier output of this stage, its ranker is reused if the data grew little
+(:func:`pipelines.fusion.reuse_decision`); the fit-fold models are then not
+loaded, and only the users whose digest changed are rescored
+(``rescore: changed``).  ``summary.json`` says what was reused and why (not).  ``--report``:
 ``feature_importance.json`` + ``feature_importance.png``.
 """
 
@@ -23,6 +30,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -38,8 +46,12 @@ log = logging.getLogger("mmrec.fuse")
 MODALITIES = ("text", "image", "video")
 
 
-def load_sources(cf: str | Path, encoder: str | Path | None) -> tuple[dict, dict]:
-    """Fit / full models of every source found (fit_cf layout and the encoder's)."""
+def load_sources(cf: str | Path, encoder: str | Path | None,
+                 lazy_fit: bool = False) -> tuple[dict | Callable[[], dict], dict]:
+    """Fit / full models of every source found (fit_cf layout and the encoder's).
+
+    ``lazy_fit``: the fit models come back as a function that loads them (a reused ranker
+    never needs them)."""
     cf = Path(cf)
     if not cf.is_dir():
         raise FileNotFoundError(f"--cf {cf}: no such directory")
@@ -62,9 +74,30 @@ def load_sources(cf: str | Path, encoder: str | Path | None) -> tuple[dict, dict
                 if name in found:
                     raise ValueError(f"fuse: source name '{name}' found both in {cf} and {enc}")
             found.update(got)
-    fit = {n: Recommender.load(f) for n, (f, _full) in found.items()}
     full = {n: Recommender.load(full) for n, (_f, full) in found.items()}
-    return fit, full
+
+    def fit() -> dict:
+        return {n: Recommender.load(f) for n, (f, _full) in found.items()}
+
+    return (fit if lazy_fit else fit()), full
+
+
+def load_previous(out: str | Path) -> tuple[dict | None, str]:
+    """An earlier output of this stage in ``out`` (ranker, summary, recommendations, user
+    state), or None and why.  A partial or unreadable output is not reused (logged)."""
+    out = Path(out)
+    need = ["summary.json", "features.json", "recommendations.parquet", "user_state.parquet"]
+    missing = [n for n in need if not (out / n).is_file()]
+    if missing:
+        return None, f"{out}: no previous output ({', '.join(missing)} missing)"
+    try:
+        prev = {"summary": json.loads((out / "summary.json").read_text(encoding="utf-8")),
+                "ranker": fusion.Ranker.load(out),
+                "recommendations": pd.read_parquet(out / "recommendations.parquet"),
+                "user_state": pd.read_parquet(out / "user_state.parquet")}
+    except (OSError, ValueError, KeyError) as exc:  # reported, and the ranker is retrained
+        return None, f"{out}: previous output unreadable ({type(exc).__name__}: {exc})"
+    return prev, "ok"
 
 
 def load_item_features(dirs: dict[str, str | None]) -> dict[str, tuple]:
@@ -133,12 +166,17 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         params = load_params("fuse", args.params)
         split = Split.load(args.split)
-        fit, full = load_sources(args.cf, args.encoder)
+        previous, why = load_previous(args.out) if params.get("warm_start") else (None, "off")
+        if previous is None and params.get("warm_start"):
+            log.info("fuse: %s", why)
+        fit, full = load_sources(args.cf, args.encoder, lazy_fit=True)
         feats = load_item_features({m: getattr(args, m) for m in MODALITIES})
         profiles = load_profiles(args.profiles)
         t_load = time.perf_counter() - t0
-        res = fusion.fuse(split, fit, full, feats, profiles, params)
+        res = fusion.fuse(split, fit, full, feats, profiles, params, previous=previous)
         summary = res["summary"]
+        if previous is None and params.get("warm_start"):
+            summary["warm_start"]["reason"] = why
         summary["seconds"]["load"] = round(t_load, 3)
         summary["seconds"]["total"] = round(time.perf_counter() - t0, 3)
         summary["model_file"] = "model.txt" if res["ranker"].kind == "lightgbm" else "model.json"
@@ -146,6 +184,7 @@ def main(argv=None) -> int:
         with atomic_path(args.out, is_dir=True) as tmp:
             res["recommendations"].to_parquet(tmp / "recommendations.parquet", index=False)
             res["ranker"].save(tmp)
+            res["user_state"].to_parquet(tmp / "user_state.parquet", index=False)
             (tmp / "feature_importance.json").write_text(json.dumps(imp, indent=2), encoding="utf-8")
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=float),
                                               encoding="utf-8")

@@ -34,6 +34,27 @@ DEFAULTS = {"protocol": "stratified", "ratio": 0.75, "seed": 42, "test_last_n": 
             "cold_item_fraction": 0.0, "min_user_interactions": 1}
 
 
+def stable_uniform(df: pd.DataFrame, seed: int, salt: str) -> np.ndarray:
+    """[len(df)] floats in [0, 1): a seeded hash of each row's values (no random stream).
+
+    The same row gets the same number whatever other rows the frame holds, so
+    appending data never moves an existing row's draw.
+    """
+    if not len(df):
+        return np.zeros(0)
+    key = f"{int(seed) % 10**8:08d}{salt:>8.8}"  # hash_pandas_object wants 16 characters
+    h = pd.util.hash_pandas_object(df, index=False, hash_key=key).to_numpy(np.uint64)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _pick(ids: np.ndarray, n: int, seed: int, salt: str) -> np.ndarray:
+    """The ``n`` ids with the smallest seeded hash (the same whatever order ``ids`` come in)."""
+    if n <= 0:
+        return ids[:0]
+    u = stable_uniform(pd.DataFrame({"id": pd.Series(ids).astype(str)}), seed, salt)
+    return np.sort(ids[np.argsort(u, kind="stable")[:n]])
+
+
 def _rank_within_user(df: pd.DataFrame, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Position of each row within its user after ordering by ``key``, and the user's count."""
     order = np.lexsort((key, df[USER].to_numpy()))
@@ -51,7 +72,7 @@ def _rank_within_user(df: pd.DataFrame, key: np.ndarray) -> tuple[np.ndarray, np
 def split(ratings: pd.DataFrame, items: pd.DataFrame, params: dict) -> dict:
     """Pure split. Returns {'train', 'test', 'slices', 'summary'}; train has a ``fold`` column."""
     p = {**DEFAULTS, **(params or {})}
-    rng = np.random.default_rng(int(p["seed"]))
+    seed = int(p["seed"])
     df = ratings.reset_index(drop=True).copy()
     if p["min_user_interactions"] > 1:
         counts = df.groupby(USER)[ITEM].transform("size")
@@ -60,13 +81,14 @@ def split(ratings: pd.DataFrame, items: pd.DataFrame, params: dict) -> dict:
     # cold items: held out of training entirely
     all_items = items[ITEM].astype(str).to_numpy()
     n_cold_items = int(round(float(p["cold_item_fraction"]) * len(all_items)))
-    cold_items = np.sort(rng.choice(all_items, n_cold_items, replace=False)) if n_cold_items else \
+    cold_items = _pick(all_items, n_cold_items, seed, "coldit") if n_cold_items else \
         np.array([], dtype=object)
     is_cold_item = df[ITEM].isin(set(cold_items)).to_numpy()
 
     protocol = p["protocol"]
+    row_cols = [c for c in (USER, ITEM, TS) if c in df.columns]
     if protocol == "stratified":
-        key = rng.random(len(df))
+        key = stable_uniform(df[row_cols], seed, "split")
         pos, cnt = _rank_within_user(df, key)
         in_train = pos < np.round(cnt * float(p["ratio"]))
     elif protocol == "temporal":
@@ -76,7 +98,8 @@ def split(ratings: pd.DataFrame, items: pd.DataFrame, params: dict) -> dict:
                 pd.Timestamp(cutoff, tz="UTC").timestamp()
             in_train = df[TS].to_numpy() < cut
         else:
-            key = df[TS].to_numpy().astype(np.float64) + rng.random(len(df)) * 1e-3
+            key = df[TS].to_numpy().astype(np.float64) + \
+                stable_uniform(df[row_cols], seed, "tie") * 1e-3
             pos, cnt = _rank_within_user(df, key)
             in_train = pos < cnt - int(p["test_last_n"])
     else:
@@ -87,12 +110,14 @@ def split(ratings: pd.DataFrame, items: pd.DataFrame, params: dict) -> dict:
     users = np.sort(df[USER].unique())
     n_cold_users = int(round(float(p["cold_user_fraction"]) * len(users)))
     if n_cold_users:
-        chosen = set(rng.choice(users, n_cold_users, replace=False))
+        picked = _pick(users, n_cold_users, seed, "colduser")
+        chosen = set(picked)
         sel = df[USER].isin(chosen).to_numpy() & in_train
-        keep_n = {u: int(rng.integers(1, int(p["cold_user_max"]) + 1)) for u in sorted(chosen)}
+        draw = stable_uniform(pd.DataFrame({"id": pd.Series(picked).astype(str)}), seed, "keepn")
+        keep_n = {u: 1 + int(d * int(p["cold_user_max"])) for u, d in zip(picked, draw)}
         sub = df[sel]
         key = df[TS].to_numpy()[sel].astype(np.float64) if protocol == "temporal" else \
-            rng.random(int(sel.sum()))
+            stable_uniform(sub[row_cols], seed, "coldkeep")
         pos, _ = _rank_within_user(sub, key)
         limit = sub[USER].map(keep_n).to_numpy()
         drop = np.nonzero(sel)[0][pos >= limit]
@@ -104,7 +129,7 @@ def split(ratings: pd.DataFrame, items: pd.DataFrame, params: dict) -> dict:
     fold = np.full(len(train), "fit", dtype=object)
     if float(p["val_ratio"]) > 0 and len(train):
         key = train[TS].to_numpy().astype(np.float64) if protocol == "temporal" else \
-            rng.random(len(train))
+            stable_uniform(train[row_cols], seed, "val")
         pos, cnt = _rank_within_user(train, key)
         n_val = np.floor(cnt * float(p["val_ratio"])).astype(np.int64)
         fold[pos >= cnt - n_val] = "val"

@@ -203,3 +203,145 @@ def test_cross_fitting_and_refitted_sources_through_the_cli(workdir):
 
     with pytest.raises(ValueError, match="cannot be re-fitted inside the fuse stage"):
         fusion.clone_model(EncoderRecommender())
+
+
+# --------------------------------------------------------------------------- incremental reuse
+
+def _resplit(w, extra: pd.DataFrame | None = None, new_users: pd.DataFrame | None = None):
+    """Rewrite split/ from the fixture's dataset plus ``extra`` rows, refit cf/ (same params)."""
+    d = w / "ds"
+    ratings = pd.read_csv(d / "ratings.csv", dtype={"user_id": str, "item_id": str})
+    items = pd.read_csv(d / "items.csv", dtype={"item_id": str})
+    users = pd.read_csv(d / "users.csv", dtype={"user_id": str})
+    if extra is not None:
+        ratings = pd.concat([ratings, extra], ignore_index=True)
+    if new_users is not None:
+        users = pd.concat([users, new_users], ignore_index=True)
+    res = split_stage.split(ratings, items, {"ratio": 0.7, "seed": 0, "val_ratio": 0.3,
+                                             "cold_item_fraction": 0.1})
+    s = w / "split"
+    res["train"].to_parquet(s / "train.parquet")
+    res["test"].to_parquet(s / "test.parquet")
+    users.to_parquet(s / "users.parquet")
+    (s / "slices.json").write_text(json.dumps(res["slices"]))
+    assert fit_cf.main(["--split", str(s), "--out", str(w / "cf"), "--params", str(w / "params.yaml")]) == 0
+    return res
+
+
+def _set_fuse(w, **kw):
+    p = yaml.safe_load((w / "params.yaml").read_text())
+    p["fuse"].update(kw)
+    (w / "params.yaml").write_text(yaml.safe_dump(p))
+
+
+def _increment(w):
+    """New rows for u0..u2 (unrated items of their own block) and a new user u99."""
+    r = pd.read_csv(w / "ds" / "ratings.csv", dtype={"user_id": str, "item_id": str})
+    rows = []
+    for u, block, n in (("u0", range(15), 2), ("u1", range(15, 30), 2), ("u2", range(15), 1)):
+        seen = set(r[r.user_id == u].item_id)
+        new = [f"i{i}" for i in block if f"i{i}" not in seen][:n]
+        rows += [(u, i, 1_700_000_000 + len(rows), 5) for i in new]
+    rows += [("u99", f"i{i}", 1_700_100_000 + i, 4) for i in range(6)]
+    return (pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"]),
+            pd.DataFrame({"user_id": ["u99"], "age": [33], "gender": ["F"]}))
+
+
+def test_warm_rerun_reuses_the_ranker_and_rescores_only_changed_users(workdir):
+    _set_fuse(workdir, warm_start=True, warm_max_growth=0.5)
+    _resplit(workdir)  # users.parquet of the same shape as the later run's
+    assert run_fuse(workdir) == 0
+    out = workdir / "fuse"
+    s0 = json.loads((out / "summary.json").read_text())
+    assert s0["warm_start"]["used"] is False and "no previous output" in s0["warm_start"]["reason"]
+    model0 = (out / "model.txt").read_text()
+    train0 = pd.read_parquet(workdir / "split" / "train.parquet")
+    recs0 = pd.read_parquet(out / "recommendations.parquet")
+    state0 = pd.read_parquet(out / "user_state.parquet")
+
+    extra, new_user = _increment(workdir)
+    res = _resplit(workdir, extra, new_user)
+    assert run_fuse(workdir) == 0
+    s1 = json.loads((out / "summary.json").read_text())
+    w = s1["warm_start"]
+    assert w["used"] is True and w["reuses"] == 1 and "grew" in w["reason"]
+    assert (out / "model.txt").read_text() == model0  # the same ranker, not retrained
+    assert "train_ranker" not in s1["seconds"]
+    state1 = pd.read_parquet(out / "user_state.parquet")
+    changed = set(state1.user_id) - set(state0.merge(state1, on=["user_id", "digest"]).user_id)
+    # exactly the users whose training rows differ (the stable split kept everyone else's rows;
+    # a new row that the split put in test changes nothing)
+    cols = ["user_id", "item_id", "timestamp", "rating"]
+    rows0 = set(map(tuple, train0[cols].astype(str).to_numpy()))
+    rows1 = set(map(tuple, res["train"][cols].astype(str).to_numpy()))
+    assert changed == {r[0] for r in rows0 ^ rows1}
+    assert {"u0", "u1", "u99"} <= changed <= {"u0", "u1", "u2", "u99"}
+    assert w["rescored_users"] == len(changed) and w["kept_users"] == len(state1) - len(changed)
+    recs1 = pd.read_parquet(out / "recommendations.parquet")
+    assert set(recs1.user_id) == set(state1.user_id)
+    # unchanged users keep their lists exactly; the changed ones were recomputed
+    keep = ~recs0.user_id.isin(changed)
+    pd.testing.assert_frame_equal(
+        recs0[keep].sort_values(["user_id", "rank"]).reset_index(drop=True),
+        recs1[~recs1.user_id.isin(changed)].sort_values(["user_id", "rank"]).reset_index(drop=True))
+    train = res["train"]
+    assert not set(zip(train.user_id, train.item_id)) & set(zip(recs1.user_id, recs1.item_id))
+    assert (recs1[recs1.user_id == "u99"]["rank"].to_numpy() == np.arange(1, 6)).all()
+
+    # rescore: all -> every user is recomputed with the reused ranker
+    _set_fuse(workdir, rescore="all")
+    assert run_fuse(workdir) == 0
+    s2 = json.loads((out / "summary.json").read_text())["warm_start"]
+    assert s2["used"] and s2["rescored_users"] == len(state1) and s2["reuses"] == 2
+
+
+def test_warm_rerun_retrains_when_data_grew_params_changed_or_reuses_ran_out(workdir):
+    _set_fuse(workdir, warm_start=True, warm_max_growth=0.01, warm_max_reuses=1)
+    _resplit(workdir)
+    assert run_fuse(workdir) == 0
+    out = workdir / "fuse"
+    extra, new_user = _increment(workdir)
+    _resplit(workdir, extra, new_user)
+    assert run_fuse(workdir) == 0  # about 2% more training rows > 1%
+    w = json.loads((out / "summary.json").read_text())["warm_start"]
+    assert w["used"] is False and "warm_max_growth" in w["reason"]
+    assert json.loads((out / "summary.json").read_text())["seconds"]["train_ranker"] > 0
+
+    _set_fuse(workdir, warm_max_growth=0.5)  # a warm knob: does not invalidate the ranker
+    assert run_fuse(workdir) == 0
+    assert json.loads((out / "summary.json").read_text())["warm_start"]["used"] is True
+    assert run_fuse(workdir) == 0  # warm_max_reuses 1: the second reuse in a row retrains
+    w = json.loads((out / "summary.json").read_text())["warm_start"]
+    assert w["used"] is False and "warm_max_reuses" in w["reason"]
+
+    _set_fuse(workdir, num_leaves=7)  # a ranker param: retrain
+    assert run_fuse(workdir) == 0
+    w = json.loads((out / "summary.json").read_text())["warm_start"]
+    assert w["used"] is False and "params changed" in w["reason"]
+
+
+def test_a_reused_ranker_never_loads_the_fit_models(workdir):
+    _set_fuse(workdir, warm_start=True)
+    _resplit(workdir)
+    assert run_fuse(workdir) == 0
+    previous, why = fuse.load_previous(workdir / "fuse")
+    assert why == "ok"
+    _fit, full = fuse.load_sources(workdir / "cf", None)
+    params = yaml.safe_load((workdir / "params.yaml").read_text())["fuse"]
+    feats = fuse.load_item_features({"text": str(workdir / "text")})
+    from pipelines.data import Split
+
+    split = Split.load(workdir / "split")
+
+    def refuse():
+        raise AssertionError("fit models loaded although the ranker is reused")
+
+    res = fusion.fuse(split, refuse, full, feats, None, params, previous=previous)
+    assert res["summary"]["warm_start"]["used"] and res["summary"]["warm_start"]["rescored_users"] == 0
+    pd.testing.assert_frame_equal(
+        res["recommendations"].sort_values(["user_id", "rank"]).reset_index(drop=True),
+        previous["recommendations"].sort_values(["user_id", "rank"]).reset_index(drop=True))
+    # a previous output without its user state is not reused, and says so
+    (workdir / "fuse" / "user_state.parquet").unlink()
+    prev, why = fuse.load_previous(workdir / "fuse")
+    assert prev is None and "user_state.parquet missing" in why

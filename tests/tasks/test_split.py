@@ -98,3 +98,40 @@ def test_cli_writes_outputs_atomically(tmp_path):
     assert split_stage.main(["--data", str(data), "--out", str(out), "--params", str(params)]) == 1
     assert (out / "train.parquet").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("protocol", ["stratified", "temporal"])
+def test_appended_data_leaves_unchanged_users_rows_where_they_were(protocol):
+    """New users, new items and new rows of some users: every other user keeps the same
+    train / val / test rows (an incremental rerun only has to redo the changed users)."""
+    r = _ratings()
+    rng = np.random.default_rng(0)
+    grown_users = ["u0", "u1", "u2"]
+    extra = pd.DataFrame({
+        "user_id": grown_users * 4 + ["new1"] * 10 + ["new2"] * 10,
+        "item_id": [f"i{j}" for j in rng.integers(0, 50, 12)] + [f"i{j}" for j in range(20)],
+        "rating": 4.0, "timestamp": 2_000_000_000 + np.arange(32)})
+    grown = pd.concat([extra.iloc[:5], r, extra.iloc[5:]], ignore_index=True)  # order shuffled too
+    p = {"protocol": protocol, "seed": 7, "val_ratio": 0.2}
+    a, b = split_stage.split(r, ITEMS, p), split_stage.split(grown, ITEMS, p)
+
+    def rows(res, part):
+        df = res[part]
+        df = df[~df.user_id.isin(grown_users + ["new1", "new2"])]
+        cols = ["user_id", "item_id", "timestamp"] + (["fold"] if part == "train" else [])
+        return df[cols].astype(str).sort_values(cols).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(rows(a, "train"), rows(b, "train"))
+    pd.testing.assert_frame_equal(rows(a, "test"), rows(b, "test"))
+    # ... while the grown users do get rows of their new interactions in train
+    assert len(b["train"][b["train"].user_id.isin(grown_users)]) > \
+        len(a["train"][a["train"].user_id.isin(grown_users)])
+
+
+def test_cold_choices_do_not_depend_on_row_order():
+    r = _ratings()
+    p = {"cold_item_fraction": 0.1, "cold_user_fraction": 0.2, "cold_user_max": 3, "seed": 3}
+    a = split_stage.split(r, ITEMS, p)
+    b = split_stage.split(r.sample(frac=1.0, random_state=1), ITEMS.sample(frac=1.0, random_state=2), p)
+    assert a["slices"]["cold_items"] == b["slices"]["cold_items"]
+    assert a["slices"]["cold_users"] == b["slices"]["cold_users"]
