@@ -236,10 +236,15 @@ def table(result: dict) -> str:
                              f"({result[s].get('total_cpu_seconds', nan):.0f}) | "
                              f"{inc['total_seconds']:.0f} ({inc.get('total_cpu_seconds', nan):.0f}) | "
                              f"{inc['ratio']:.2f} ({inc.get('cpu_ratio', nan):.2f}) | {per} |")
-    if len(sizes) >= 2:
-        a, b = sizes[0], sizes[-1]
+    # each size against the next smaller one (e.g. the 5M / 1M target), then largest / smallest
+    pairs = list(zip(sizes[:-1], sizes[1:]))
+    if len(sizes) > 2:
+        pairs.append((sizes[0], sizes[-1]))
+    if pairs:
+        lines.append("")
+    for a, b in pairs:
         ra, rb = result[a], result[b]
-        lines.append(f"\ntime({int(b):,}) / time({int(a):,}) = "
+        lines.append(f"time({int(b):,}) / time({int(a):,}) = "
                      f"{rb['total_seconds'] / ra['total_seconds']:.2f} wall, "
                      f"{rb.get('total_cpu_seconds', nan) / ra.get('total_cpu_seconds', nan):.2f} CPU "
                      f"for {int(b) / int(a):.1f}x the interactions")

@@ -72,6 +72,10 @@ def test_table_and_plot(tmp_path):
     text = bench_scale.table(res)
     assert "| fit_cf | 7.5 | 6.0 | 300 | 30.0 | 24.0 | 300 |" in text
     assert "time(5,000) / time(1,000) = 4.00 wall" in text
+    three = _fake([1000, 5000, 20000], [10.0, 40.0, 100.0], inc_total=3.0)
+    text3 = bench_scale.table(three)
+    assert "time(20,000) / time(5,000) = 2.50 wall" in text3  # each size against the next
+    assert "time(20,000) / time(1,000) = 10.00 wall" in text3
     assert "| 1,000 | 10 (8) | 3 (3) | 0.30 (0.30)" in text
     png = tmp_path / "b.png"
     assert bench_scale.plot(res, png) == ("log", "log")
