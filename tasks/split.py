@@ -43,6 +43,9 @@ def stable_uniform(df: pd.DataFrame, seed: int, salt: str) -> np.ndarray:
     if not len(df):
         return np.zeros(0)
     key = f"{int(seed) % 10**8:08d}{salt:>8.8}"  # hash_pandas_object wants 16 characters
+    if not any(pd.api.types.is_string_dtype(t) or t == object for t in df.dtypes):
+        # the key only seeds the hash of strings: an all-numeric frame gets one string column
+        df = df.assign(**{df.columns[0]: df[df.columns[0]].astype(str)})
     h = pd.util.hash_pandas_object(df, index=False, hash_key=key).to_numpy(np.uint64)
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 

@@ -135,3 +135,12 @@ def test_cold_choices_do_not_depend_on_row_order():
     b = split_stage.split(r.sample(frac=1.0, random_state=1), ITEMS.sample(frac=1.0, random_state=2), p)
     assert a["slices"]["cold_items"] == b["slices"]["cold_items"]
     assert a["slices"]["cold_users"] == b["slices"]["cold_users"]
+
+
+def test_seed_matters_with_numeric_ids_too():
+    r = _ratings()
+    r["user_id"] = r["user_id"].str[1:].astype(int)
+    r["item_id"] = r["item_id"].str[1:].astype(int)
+    a = split_stage.split(r, ITEMS, {"seed": 1})["test"]
+    assert a.equals(split_stage.split(r, ITEMS, {"seed": 1})["test"])
+    assert not a.equals(split_stage.split(r, ITEMS, {"seed": 2})["test"])
