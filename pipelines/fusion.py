@@ -131,10 +131,6 @@ DEFAULTS: dict = {
     "lambda_l2": 1.0,
     "n_bags": 2,  # rankers with different seeds, averaged (merged into one model file)
     "early_stopping_rounds": 50,  # 0: no early stopping (n_estimators trees, every user)
-    # trees kept: the last iteration whose inner-eval NDCG is within this share (relative) of
-    # the best one (the curve is flat and noisy near its peak: the first maximum can come
-    # after a few dozen trees by chance); 0 = LightGBM's best iteration
-    "early_stopping_tolerance": 0.0,
     "eval_fraction": 0.2,  # share of validation users held out for early stopping
     "eval_at": 10,
     "refit_full": True,  # refit on every validation user with the early-stopped tree count
@@ -1043,13 +1039,7 @@ class Ranker:
         info = {"best_iteration": best, "early_stopping": bool(eval_ok), "n_bags": n_bags,
                 "objective": str(p["objective"])}
         if eval_ok:
-            key = f"ndcg@{int(p['eval_at'])}"
-            info["eval_ndcg"] = float(model.best_score_["valid_0"][key])
-            tol = float(p.get("early_stopping_tolerance") or 0.0)
-            if tol > 0:
-                info["first_best_iteration"] = best
-                best = tolerant_best(model.evals_result_["valid_0"][key], tol)
-                info["best_iteration"] = best
+            info["eval_ndcg"] = float(model.best_score_["valid_0"][f"ndcg@{int(p['eval_at'])}"])
         refit = bool(eval_ok and p["refit_full"])
         if refit:  # every validation user, the early-stopped number of trees
             Xa, ya = np.concatenate([X, Xe]), np.concatenate([y, ye])
@@ -1149,16 +1139,6 @@ class Ranker:
             trees = json.loads((path / "model.json").read_text(encoding="utf-8"))
             return cls(kind, features, trees=trees, info=meta)
         raise ValueError(f"{path}: unknown ranker kind '{kind}'")
-
-
-def tolerant_best(curve, tolerance: float) -> int:
-    """1-based iteration count: the last point of ``curve`` within ``tolerance`` (relative)
-    of its maximum."""
-    c = np.asarray(curve, dtype=np.float64)
-    if not len(c):
-        return 0
-    ok = np.nonzero(c >= c.max() * (1.0 - float(tolerance)))[0]
-    return int(ok[-1]) + 1
 
 
 def merge_lgb_models(strings: list[str]) -> str:

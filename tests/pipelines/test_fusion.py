@@ -656,11 +656,3 @@ def test_auto_cold_item_simulation_follows_the_held_out_slice_not_rare_items(tmp
     n_items = len(split.item_ids)
     assert w["stats"]["item_share"] == pytest.approx(len(split.slices["cold_items"]) / n_items)
     assert w["stats"]["cold_items"] > 0
-
-
-def test_tolerant_best_takes_the_last_iteration_near_the_peak():
-    curve = [0.20, 0.25, 0.249, 0.24, 0.2495, 0.23]
-    assert F.tolerant_best(curve, 0.0) == 2  # the first maximum
-    assert F.tolerant_best(curve, 0.01) == 5  # 0.2495 >= 0.25 * 0.99
-    assert F.tolerant_best(curve, 0.05) == 5  # 0.23 < 0.2375
-    assert F.tolerant_best([], 0.01) == 0
