@@ -192,11 +192,20 @@ def resolve_params(params: dict | None) -> dict:
     return p
 
 
-def params_fingerprint(p: dict) -> str:
-    """Hash of every fuse param that shapes the ranker or its features (not :data:`WARM_KEYS`)."""
+# model params that a warm start changes without changing what the model is
+VOLATILE_MODEL_KEYS = ("iterations", "num_threads")
+
+
+def params_fingerprint(p: dict, models: dict[str, Recommender] | None = None) -> str:
+    """Hash of every fuse param that shapes the ranker or its features (not :data:`WARM_KEYS`)
+    and of the sources behind the features (class and hyper-parameters of each ``models``
+    entry, :data:`VOLATILE_MODEL_KEYS` aside): changing ALS's factors retrains the ranker."""
     import hashlib
 
     keep = {k: v for k, v in p.items() if k not in WARM_KEYS}
+    keep["_sources"] = {n: [type(m).__name__, {k: v for k, v in (m.params or {}).items()
+                                               if k not in VOLATILE_MODEL_KEYS}]
+                        for n, m in sorted((models or {}).items())}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -1648,12 +1657,13 @@ def user_state(split: Split) -> pd.DataFrame:
                          "digest": digest})
 
 
-def reuse_decision(previous: dict | None, p: dict, state: pd.DataFrame) -> tuple[bool, str]:
+def reuse_decision(previous: dict | None, p: dict, state: pd.DataFrame,
+                   models: dict[str, Recommender] | None = None) -> tuple[bool, str]:
     """Whether the previous run's ranker may be reused, and why (not).
 
     ``previous``: ``{"summary", "ranker", "recommendations", "user_state"}`` of the last
     output (None when there is none).  Reused when ``warm_start`` is on, the previous run had
-    the same :func:`params_fingerprint`, its ranker has been reused fewer than
+    the same :func:`params_fingerprint` (fuse params and the ``models``' configurations), its ranker has been reused fewer than
     ``warm_max_reuses`` times in a row, and the training rows grew by at most
     ``warm_max_growth`` (relative; shrinking data always retrains).  The features must also
     match, checked once the test-time feature builder exists.
@@ -1663,8 +1673,8 @@ def reuse_decision(previous: dict | None, p: dict, state: pd.DataFrame) -> tuple
     if previous is None:
         return False, "no previous output"
     summ = previous["summary"]
-    if summ.get("params_fingerprint") != params_fingerprint(p):
-        return False, "fuse params changed since the previous ranker was trained"
+    if summ.get("params_fingerprint") != params_fingerprint(p, models):
+        return False, "fuse params or source models changed since the previous ranker was trained"
     reuses = int(summ.get("warm_start", {}).get("reuses", 0))
     if reuses >= int(p["warm_max_reuses"]):
         return False, f"ranker already reused {reuses} times in a row (warm_max_reuses)"
@@ -1765,7 +1775,7 @@ def fuse(split: Split, fit_models: dict[str, Recommender] | Callable[[], dict[st
     state = user_state(split)
     timings["item_user_side"] = time.perf_counter() - t
 
-    reuse, why = reuse_decision(previous, p, state)
+    reuse, why = reuse_decision(previous, p, state, full_models)
     fb_full = None
     if reuse:  # the test-time features must be those the previous ranker was trained on
         t = time.perf_counter()
@@ -1848,7 +1858,7 @@ def fuse(split: Split, fit_models: dict[str, Recommender] | Callable[[], dict[st
         "n_users": int(len(users.user_ids)), "n_items": int(items.n_items),
         "n_segments": int(users.n_seg), "segment_attributes": sorted(users.attrs),
         "n_train_interactions": int(state["n_train"].sum()),
-        "params_fingerprint": params_fingerprint(p), "warm_start": warm,
+        "params_fingerprint": params_fingerprint(p, full_models), "warm_start": warm,
         "training": train_stats,
         "test": {k2: v for k2, v in rstats.items() if not k2.startswith("seconds")},
         "seconds": {k2: round(v, 3) for k2, v in timings.items()} |

@@ -317,7 +317,19 @@ def test_warm_rerun_retrains_when_data_grew_params_changed_or_reuses_ran_out(wor
     _set_fuse(workdir, num_leaves=7)  # a ranker param: retrain
     assert run_fuse(workdir) == 0
     w = json.loads((out / "summary.json").read_text())["warm_start"]
-    assert w["used"] is False and "params changed" in w["reason"]
+    assert w["used"] is False and "params or source models changed" in w["reason"]
+    assert run_fuse(workdir) == 0  # (reused once again: warm_max_reuses 1 counts from here)
+    assert json.loads((out / "summary.json").read_text())["warm_start"]["used"] is True
+
+    p = yaml.safe_load((workdir / "params.yaml").read_text())  # a source's configuration
+    p["fit_cf"]["models"]["itemknn"]["neighbors"] = 5
+    p["fuse"]["warm_max_reuses"] = 5
+    (workdir / "params.yaml").write_text(yaml.safe_dump(p))
+    assert fit_cf.main(["--split", str(workdir / "split"), "--out", str(workdir / "cf"),
+                        "--params", str(workdir / "params.yaml")]) == 0
+    assert run_fuse(workdir) == 0
+    w = json.loads((out / "summary.json").read_text())["warm_start"]
+    assert w["used"] is False and "source models changed" in w["reason"]
 
 
 def test_a_reused_ranker_never_loads_the_fit_models(workdir):
