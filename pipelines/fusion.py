@@ -149,8 +149,9 @@ DEFAULTS: dict = {
     "memory_mb": 512,  # scratch budget per user batch (dense score matrices)
     "cold_item_slots": 0,  # reserve the last N of the top-k for the best-ranked cold items
     # incremental retraining (see reuse_decision): reuse the previous run's ranker when the
-    # training data grew by at most warm_max_growth (relative) and every other fuse param is the
-    # same; after warm_max_reuses reuses in a row the ranker is trained again
+    # training data grew by at most warm_max_growth (relative) and every other fuse param and
+    # every source model's configuration is the same; after warm_max_reuses reuses in a row the
+    # ranker is trained again
     "warm_start": False,
     "warm_max_growth": 0.10,
     "warm_max_reuses": 3,
@@ -1663,8 +1664,8 @@ def reuse_decision(previous: dict | None, p: dict, state: pd.DataFrame,
 
     ``previous``: ``{"summary", "ranker", "recommendations", "user_state"}`` of the last
     output (None when there is none).  Reused when ``warm_start`` is on, the previous run had
-    the same :func:`params_fingerprint` (fuse params and the ``models``' configurations), its ranker has been reused fewer than
-    ``warm_max_reuses`` times in a row, and the training rows grew by at most
+    the same :func:`params_fingerprint` (fuse params and the ``models``' configurations), its
+    ranker has been reused fewer than ``warm_max_reuses`` times in a row, and the training rows grew by at most
     ``warm_max_growth`` (relative; shrinking data always retrains).  The features must also
     match, checked once the test-time feature builder exists.
     """
