@@ -20,8 +20,8 @@ Incremental retraining (``warm_start: true``): when ``--out`` already holds an
 earlier output of this stage, its ranker is reused if the data grew little
 (:func:`pipelines.fusion.reuse_decision`); the fit-fold models are then not
 loaded, and only the users whose digest changed are rescored
-(``rescore: changed``).  ``summary.json`` says what was reused and why (not).  ``--report``:
-``feature_importance.json`` + ``feature_importance.png``.
+(``rescore: changed``).  ``summary.json`` says what was reused and why (not).
+``--report``: ``feature_importance.json`` + ``feature_importance.png``.
 """
 
 from __future__ import annotations

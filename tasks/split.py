@@ -50,12 +50,16 @@ def stable_uniform(df: pd.DataFrame, seed: int, salt: str) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def _id_uniform(ids: np.ndarray, seed: int, salt: str) -> np.ndarray:
+    """:func:`stable_uniform` of each id (as a string)."""
+    return stable_uniform(pd.DataFrame({"id": pd.Series(ids).astype(str)}), seed, salt)
+
+
 def _pick(ids: np.ndarray, n: int, seed: int, salt: str) -> np.ndarray:
     """The ``n`` ids with the smallest seeded hash (the same whatever order ``ids`` come in)."""
     if n <= 0:
         return ids[:0]
-    u = stable_uniform(pd.DataFrame({"id": pd.Series(ids).astype(str)}), seed, salt)
-    return np.sort(ids[np.argsort(u, kind="stable")[:n]])
+    return np.sort(ids[np.argsort(_id_uniform(ids, seed, salt), kind="stable")[:n]])
 
 
 def _rank_within_user(df: pd.DataFrame, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,8 +120,8 @@ def split(ratings: pd.DataFrame, items: pd.DataFrame, params: dict) -> dict:
         picked = _pick(users, n_cold_users, seed, "colduser")
         chosen = set(picked)
         sel = df[USER].isin(chosen).to_numpy() & in_train
-        draw = stable_uniform(pd.DataFrame({"id": pd.Series(picked).astype(str)}), seed, "keepn")
-        keep_n = {u: 1 + int(d * int(p["cold_user_max"])) for u, d in zip(picked, draw)}
+        keep_n = {u: 1 + int(d * int(p["cold_user_max"]))
+                  for u, d in zip(picked, _id_uniform(picked, seed, "keepn"))}
         sub = df[sel]
         key = df[TS].to_numpy()[sel].astype(np.float64) if protocol == "temporal" else \
             stable_uniform(sub[row_cols], seed, "coldkeep")
