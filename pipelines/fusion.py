@@ -1849,8 +1849,12 @@ def fuse(split: Split, fit_models: dict[str, Recommender] | Callable[[], dict[st
     if not changed.all():
         kept = kept_recommendations(previous["recommendations"], state[USER].to_numpy()[~changed],
                                     items.item_ids, int(p["k"]))
-        recs = (pd.concat([kept, recs], ignore_index=True) if len(recs) else kept).sort_values(
-            [USER, "rank"], kind="stable").reset_index(drop=True)
+        recs = pd.concat([kept, recs], ignore_index=True) if len(recs) else kept
+        # the order of a full run: catalogue user order, then rank (byte-identical output when
+        # nothing changed)
+        pos = pd.Series(np.arange(len(users.user_ids)), index=pd.Index(users.user_ids).astype(str))
+        order = np.lexsort((recs["rank"].to_numpy(), pos.reindex(recs[USER].astype(str)).to_numpy()))
+        recs = recs.iloc[order].reset_index(drop=True)
     timings["recommend"] = time.perf_counter() - t
     timings.update({f"test_{k}": v for k, v in fb_full.timings.items()})
     summary = {

@@ -27,8 +27,9 @@ and at the end ``dvc status`` reports the whole pipeline up to date and the publ
 version is the clean run's.
 
 Also: kills during the DVC commit of ``split`` (dvc.lock must stay whole), and a warm-started
-``fit_cf`` killed between its output's rename and its commit (compared by recall@10 within
-``WARM_TOLERANCE``; the chain itself runs with warm start off, see ``COLD``).
+``fuse`` (recommendations byte-identical) and ``fit_cf`` (compared by recall@10 within
+``WARM_TOLERANCE``) killed between the output's rename and its commit; the chain itself runs
+with warm start off, see ``COLD``.
 
 ``MMREC_FAULT_SEED`` changes the seed (default 20240611).  A summary (kills planned and
 landed, files checked) is printed at the end (``pytest -s``).
@@ -77,7 +78,8 @@ VOLATILE_KEYS = {"seconds", "train_seconds", "resumed_from_epoch", "decided_at",
 # Warm start (the default for incremental retraining) makes a model depend on the previous output
 # on disk; a kill between the output's rename and the DVC commit changes that output, so the
 # chain runs cold and test_warm_started_training_killed_after_its_output_was_written covers it.
-COLD = {"fit_cf": {"warm_start": False}, "train_encoder": {"warm_start": False}}
+COLD = {"fit_cf": {"warm_start": False}, "train_encoder": {"warm_start": False},
+        "fuse": {"warm_start": False}}
 WARM_TOLERANCE = 0.1  # |recall@10 difference| on the test fold of the 30-user dataset
 # publish: after a killed attempt had already promoted the version, the retry's reason says
 # "same content as the champion: re-published" instead of "first published model"
@@ -543,6 +545,46 @@ def _recall_at_10(repo: Path, model_dir: str) -> float:
     users = list(truth.groups)
     reco = Recommender.load(repo / model_dir).recommend(users, k=10)
     return float(recall(reco, [set(truth.get_group(u)) for u in users], 10).mean())
+
+
+def test_warm_started_fuse_killed_after_its_output_was_written(world):
+    """fuse with warm start on (the default): nothing upstream changed, so the ranker is reused and
+    no user is rescored.  SIGKILL right after the new output replaced the old one, before DVC
+    committed it; the retry reuses that uncommitted output.  The recommendations stay
+    byte-identical to the cold run's (same rows, same order) and DVC ends consistent."""
+    repo, done = world["faulty"], world["done"]
+    if "fuse" not in done:
+        pytest.skip("needs the repo state of test_stage_survives_sigkill_and_retry")
+    out = repo / "artifacts" / "fuse"
+    cold = {f: (out / f).read_bytes() for f in ("recommendations.parquet", "user_state.parquet")}
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["fuse"]["warm_start"] = True
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = world["base"] / "warm-fuse.log"
+    summary = out / "summary.json"
+    before = summary.stat().st_ino
+    proc = start_stage(repo, "fuse", log)
+    while proc.poll() is None:
+        with contextlib.suppress(FileNotFoundError):
+            if summary.stat().st_ino != before:  # the new output is in place: not committed yet
+                break
+        time.sleep(0.002)
+    hit = proc.poll() is None
+    kill_group(proc)
+    RECORDS.append({"stage": "fuse", "point": "after-output-before-commit", "killed": hit})
+    assert hit, "fuse finished (and committed) before the kill"
+    assert not dvc_state_problems(repo, done)
+    start = log.stat().st_size
+    rc, _ = run_stage(repo, "fuse", log)
+    retry_log = log.read_text()[start:]
+    assert rc == 0 and "[run-stage fuse] changed" in retry_log, retry_log[-3000:]
+    warm = json.loads(summary.read_text())["warm_start"]
+    assert warm["used"] and warm["rescored_users"] == 0 and warm["reuses"] == 2, warm
+    for name, data in cold.items():
+        assert (out / name).read_bytes() == data, f"{name} differs from the cold run's"
+    st = run([sys.executable, "-m", "dvc", "status", "fuse"], repo)
+    assert "up to date" in st.stdout, st.stdout
+    assert temp_leftovers(repo) == []
 
 
 def test_warm_started_training_killed_after_its_output_was_written(world):
