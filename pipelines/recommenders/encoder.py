@@ -1168,18 +1168,31 @@ _WARM_ARCH_KEYS = ("d_model", "n_layers", "n_heads", "d_item", "head_mlp", "ff_m
 _ITEM_TABLES = ("item_emb.weight", "id_bias.weight", "in_item_emb.weight")
 
 
+def _item_set_digest(m, item_ids) -> np.ndarray:
+    """[n_rows] uint64: order-free hash (wrapping sum) of the item ids in each CSR row."""
+    h = pd.util.hash_array(np.asarray(item_ids, dtype=object).astype(str)).astype(np.uint64)
+    out = np.zeros(m.shape[0], np.uint64)
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    np.add.at(out, rows, h[m.indices])
+    return out
+
+
 def changed_users(previous: "EncoderRecommender", data: Interactions) -> np.ndarray:
-    """[n_users] bool: users of ``data`` that are new or whose number of interactions changed
-    since ``previous`` was trained (its saved seen-items matrix)."""
-    now = np.diff(data.matrix().indptr)
-    before = np.zeros(len(now), np.int64)
+    """[n_users] bool: users of ``data`` that are new or whose set of interacted items changed
+    since ``previous`` was trained (its saved seen-items matrix): a different count, or the same
+    count with other items (a row replaced or re-keyed)."""
+    m = data.matrix()
+    now_n, now_h = np.diff(m.indptr), _item_set_digest(m, data.item_ids)
+    before_n = np.zeros(len(now_n), np.int64)
+    before_h = np.zeros(len(now_n), np.uint64)
     seen = getattr(previous, "_seen", None)
-    if seen is not None and previous.user_ids is not None:
+    if seen is not None and previous.user_ids is not None and previous.item_ids is not None:
         pos = pd.Index(np.asarray(previous.user_ids, dtype=object).astype(str)).get_indexer(
             np.asarray(data.user_ids, dtype=object).astype(str))
         hit = pos >= 0
-        before[hit] = np.diff(seen.indptr)[pos[hit]]
-    return now != before
+        before_n[hit] = np.diff(seen.indptr)[pos[hit]]
+        before_h[hit] = _item_set_digest(seen, previous.item_ids)[pos[hit]]
+    return (now_n != before_n) | (now_h != before_h)
 
 
 def warm_incompatibility(previous: "EncoderRecommender", arch: dict) -> str | None:

@@ -310,3 +310,20 @@ def test_refit_shares_the_time_box_with_the_first_phase():
     m = fit(data, users, feat, epochs=3, refit=True, max_train_seconds=1e-6)
     assert "skipped" in m.train_info_["refit"]  # the first phase spent it: its model is exported
     assert m.weights_["known"].sum() == len(np.unique(data.df[data.df["fold"] == "fit"]["iidx"]))
+
+
+def test_changed_users_compares_item_sets_not_only_counts():
+    from pipelines.recommenders.encoder import changed_users
+    from pipelines.recommenders.popularity import Popularity
+
+    df = pd.DataFrame({"user_id": ["a", "a", "b", "b", "c"], "item_id": ["x", "y", "x", "z", "y"],
+                       "timestamp": range(5), "rating": 4.0})
+    prev = Popularity().fit(Interactions.build(df))
+    same = Interactions.build(df.iloc[::-1])  # row order and id order do not matter
+    assert not changed_users(prev, same).any()
+    # b: same count, one item replaced; d: new user; a and c untouched
+    new = pd.concat([df.replace({"item_id": {"z": "w"}}).where(df.user_id == "b", df),
+                     pd.DataFrame({"user_id": ["d"], "item_id": ["x"], "timestamp": [9], "rating": 3.0})])
+    data = Interactions.build(new)
+    got = dict(zip(data.user_ids, changed_users(prev, data)))
+    assert got == {"a": False, "b": True, "c": False, "d": True}
