@@ -193,8 +193,10 @@ def resolve_params(params: dict | None) -> dict:
     return p
 
 
-# model params that a warm start changes without changing what the model is
-VOLATILE_MODEL_KEYS = ("iterations", "num_threads")
+# model params that a warm start changes without changing what the model is (ALS/BPR
+# iterations, the encoder's epochs); keys starting with "_" are derived from the data (e.g. the
+# encoder's architecture record with its attribute vocabularies), not configuration
+VOLATILE_MODEL_KEYS = ("iterations", "num_threads", "epochs")
 
 
 def params_fingerprint(p: dict, models: dict[str, Recommender] | None = None) -> str:
@@ -205,7 +207,8 @@ def params_fingerprint(p: dict, models: dict[str, Recommender] | None = None) ->
 
     keep = {k: v for k, v in p.items() if k not in WARM_KEYS}
     keep["_sources"] = {n: [type(m).__name__, {k: v for k, v in (m.params or {}).items()
-                                               if k not in VOLATILE_MODEL_KEYS}]
+                                               if k not in VOLATILE_MODEL_KEYS
+                                               and not k.startswith("_")}]
                         for n, m in sorted((models or {}).items())}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -653,6 +656,7 @@ class Source:
     score: Callable[[np.ndarray], np.ndarray]  # catalogue user idx -> [B, n_items] float32
     only_cold: bool = False
     model: bool = False  # a fitted Recommender: used only on warm users x warm items (see frame)
+    fixed: bool = False  # a model the stage cannot re-fit (see refittable): never on cold users
 
 
 class ModelSource:
@@ -707,12 +711,32 @@ class UserKNNScorer:
         return sc
 
 
+def refittable(model: Recommender) -> bool:
+    """Whether the fuse stage can re-fit a clone of ``model`` (see :func:`clone_model`).
+
+    Models that need side information to fit (the sequence encoder) are *fixed* sources: their
+    ``fit`` variant is used as trained, masked on the cold users and cold items of the training
+    context (the rows that the cold-start simulation moved into the labels are exactly theirs),
+    and they are absent (NaN features, no candidates) from the extra cross-fitting folds, whose
+    labels are fit rows that the ``fit`` variant learned from."""
+    return not hasattr(model, "set_side_info")
+
+
 def make_sources(models: dict[str, Recommender], ctx: Context, items: ItemSide,
-                 users: UserSide, p: dict) -> list[Source]:
+                 users: UserSide, p: dict, absent: tuple | list | set = ()) -> list[Source]:
+    """Every candidate source on context ``ctx``.  ``absent``: model names without a usable
+    model in this context (see :func:`refittable`): same feature columns, all missing."""
     srcs = []
-    for name in sorted(models):
-        srcs.append(Source(name, n_candidates(p, name),
-                           ModelSource(models[name], users.user_ids, items.item_ids), model=True))
+    ni = len(items.item_ids)
+    for name in sorted(set(models) | set(absent)):
+        if name in models:
+            srcs.append(Source(name, n_candidates(p, name),
+                               ModelSource(models[name], users.user_ids, items.item_ids), model=True,
+                               fixed=not refittable(models[name])))
+        else:
+            srcs.append(Source(name, n_candidates(p, name),
+                               lambda uidx: np.full((len(uidx), ni), -np.inf, np.float32),
+                               model=True, fixed=True))
     for mod in sorted(items.emb):
         E, pres, U, has = items.emb[mod], items.present[mod], ctx.user_vec[mod], ctx.user_has_vec[mod]
 
@@ -900,7 +924,7 @@ class FeatureBuilder:
                 raise ValueError(f"source '{s.name}' returned scores of shape {sc.shape}, "
                                  f"expected {(B, ni)}")
             if s.model:  # fitted models: warm items (and warm users) of the context only
-                if not p["model_cold_users"]:
+                if not p["model_cold_users"] or s.fixed:
                     sc[ctx.user_n[uidx] <= cold_max] = -np.inf
                 sc[:, ctx.cold] = -np.inf
             sc[srows, seen.indices] = -np.inf
@@ -1353,14 +1377,27 @@ def cross_folds(split: Split, n_folds: int, seed: int) -> list[tuple[pd.DataFram
     return out
 
 
+def warm_rows(rows: pd.DataFrame, ctx: Context, users: UserSide, items: ItemSide,
+              p: dict) -> pd.DataFrame:
+    """The rows of ``rows`` whose user is warm (more than ``cold_user_max`` context rows) and
+    whose item is warm (in the context): where masked models score (see FeatureBuilder.frame)."""
+    u = pd.Index(np.asarray(users.user_ids, dtype=object).astype(str)).get_indexer(
+        rows[USER].astype(str))
+    i = pd.Index(np.asarray(items.item_ids, dtype=object).astype(str)).get_indexer(
+        rows[ITEM].astype(str))
+    ok = (u >= 0) & (i >= 0)
+    ok[ok] = (ctx.user_n[u[ok]] > int(p["cold_user_max"])) & ~ctx.cold[i[ok]]
+    return rows[ok]
+
+
 def clone_model(model: Recommender) -> Recommender:
     """An unfitted model of the same class and hyper-parameters (for cross-fitting)."""
     from .recommenders.base import REGISTRY
 
     if hasattr(model, "set_side_info"):  # e.g. the encoder: its fit needs features the fuse lacks
         raise ValueError(f"fuse: source '{model.name}' cannot be re-fitted inside the fuse stage "
-                         f"(it needs side information); set fuse.cv_folds: 1 and "
-                         f"fuse.refit_sources: false, or leave it out with fuse.sources")
+                         f"(it needs side information): the stage uses it as a fixed source "
+                         f"(see refittable)")
     return REGISTRY[model.name](**model.params)
 
 
@@ -1730,11 +1767,13 @@ def _add_cross_folds(ts: dict, folds: list, split: Split, fit_models: dict[str, 
             inter, label_df = world["context"], world["labels"]
         else:
             inter = Interactions.build(context_df, split.user_ids, split.item_ids)
-        models = {n: clone_model(m).fit(inter) for n, m in fit_models.items()}
+        models = {n: clone_model(m).fit(inter) for n, m in fit_models.items() if refittable(m)}
+        fixed = sorted(set(fit_models) - set(models))  # they learned from this fold's labels
         check_no_leak(models, label_df, what=f"cross-fitting fold {k} label")
         t_fit = time.perf_counter() - t
         ctx = build_context(world["context"], items, users, p)
-        fb = FeatureBuilder(make_sources(models, ctx, items, users, p), ctx, items, users, p)
+        fb = FeatureBuilder(make_sources(models, ctx, items, users, p, absent=fixed), ctx, items,
+                            users, p)
         tk = build_training_set(fb, world["labels"], p)
         tk["users"] = tk["users"] + k * nb
         parts.append(tk)
@@ -1815,9 +1854,19 @@ def fuse(split: Split, fit_models: dict[str, Recommender] | Callable[[], dict[st
         world = training_world(split, p)
         train_models = fit_models
         if p["refit_sources"]:
-            train_models = {n: clone_model(m).fit(world["context"]) for n, m in fit_models.items()}
-            check_no_leak(train_models, world["labels"], what="training label")
+            refitted = {n: clone_model(m).fit(world["context"]) for n, m in fit_models.items()
+                        if refittable(m)}
+            check_no_leak(refitted, world["labels"], what="training label")
+            # fixed sources stay as trained on the fit rows: masked on the simulated cold users
+            # and items, whose moved rows they saw (Source.fixed)
+            train_models = {**fit_models, **refitted}
         ctx_fit = build_context(world["context"], items, users, p)
+        masked = {n: m for n, m in train_models.items()
+                  if not p["refit_sources"] or not refittable(m)}
+        # the models used as trained never saw a label row of a warm user x warm item (the
+        # pairs they score; the others are masked, see FeatureBuilder.frame)
+        check_no_leak(masked, warm_rows(world["labels"], ctx_fit, users, items, p),
+                      what="training label (warm user x warm item)")
         fb_fit = FeatureBuilder(make_sources(train_models, ctx_fit, items, users, p), ctx_fit,
                                 items, users, p)
         ts = build_training_set(fb_fit, world["labels"], p)

@@ -15,6 +15,11 @@ Outputs in ``--out``:
   arrays.safetensors + seen.npz): torch weights as numpy, item vectors, user
   vectors and the unknown-user prior, so evaluation needs neither torch nor
   features;
+* ``model_fit/``: the same kind of model as it stood on the ``fit`` rows alone
+  (phase-1 weights, user vectors from each user's fit rows, seen items = fit
+  rows): the fuse stage trains its ranker on this variant's scores over the
+  ``val`` fold and applies it with ``model/``, as with the CF ``fit`` / ``full``
+  pairs.  Absent when the split has no ``val`` fold;
 * ``metrics.json``: best val recall, epochs, timings, device, resume info;
 * ``dvclive/``: training curves (train/loss, val/recall@K, val/ndcg@K per epoch),
   written once training ends, from the run's complete per-epoch history (the
@@ -48,6 +53,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +166,11 @@ def main(argv=None) -> int:
         if not main_rank:
             return 0
         model.save(out / "model")
+        # the fit-rows-only variant next to it: the fuse stage's honest training-time source
+        if model.fit_model_ is not None:
+            model.fit_model_.save(out / "model_fit")
+        elif (out / "model_fit").exists():  # no val fold this time: no stale pair left behind
+            shutil.rmtree(out / "model_fit")
         write_curves(model.train_info_.get("history", []), out / "dvclive")
         write_json(out / "metrics.json", metrics)
         print("train_encoder: " + json.dumps({k: v for k, v in metrics.items()

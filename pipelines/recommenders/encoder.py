@@ -749,6 +749,8 @@ class EncoderRecommender(Recommender):
         self.weights_: dict[str, np.ndarray] = {}
         self.train_info_: dict = {}
         self._warm: "EncoderRecommender | None" = None
+        self.fit_model_: "EncoderRecommender | None" = None  # see _fit_variant
+        self._fit_user_vecs: np.ndarray | None = None
 
     # ---- configuration ------------------------------------------------
     def set_side_info(self, features: dict[str, tuple[np.ndarray, np.ndarray] | None] | None = None,
@@ -797,10 +799,28 @@ class EncoderRecommender(Recommender):
         prev = torch.are_deterministic_algorithms_enabled()
         try:
             self._train(data)
-            if self.params["refit"] and "fold" in data.df and (data.df["fold"] == "val").any():
+            has_val = "fold" in data.df and (data.df["fold"] == "val").any()
+            self.fit_model_ = self._fit_variant(data) if has_val else None
+            if self.params["refit"] and has_val:
                 self._refit(data)
         finally:
             torch.use_deterministic_algorithms(prev)
+
+    def _fit_variant(self, data: Interactions) -> "EncoderRecommender":
+        """The phase-1 model as it stands on the ``fit`` rows alone: same weights, user vectors
+        from each user's fit rows, seen items = fit rows.  It is the encoder's ``fit`` variant
+        for the fuse stage (``model_fit/``): its scores on the ``val`` fold are honest, as those
+        of the CF ``fit`` models are.  Built before any refit; not trained again."""
+        fit_df = data.df[data.df["fold"] != "val"]
+        m = EncoderRecommender(**{k: v for k, v in self.params.items() if not k.startswith("_")})
+        m.params["_arch"] = self.params["_arch"]
+        m.set_side_info(self._features, self._users)
+        m.user_ids, m.item_ids = self.user_ids, self.item_ids
+        m._seen = Interactions(fit_df.drop(columns="fold"), data.user_ids, data.item_ids).matrix()
+        m.user_vecs_, m.item_vecs_, m.prior_vec_ = self._fit_user_vecs, self.item_vecs_, self.prior_vec_
+        m.weights_ = dict(self.weights_)
+        m.train_info_ = {k: v for k, v in self.train_info_.items() if k != "history"}
+        return m
 
     def _refit(self, data: Interactions) -> None:
         """Phase 2: a fresh model on every training row (fit + val) for the best epoch count.
@@ -1039,6 +1059,9 @@ class EncoderRecommender(Recommender):
             model.load_state_dict(best_state)
         model.eval()
         self.user_vecs_ = self._user_vectors(model, hist_all, codes, cross, device, amp)
+        # the fit-rows-only variant (see fit_variant): user vectors from the fit rows alone
+        self._fit_user_vecs = (self._user_vectors(model, hist_fit, codes, cross, device, amp)
+                               if len(val_df) else None)
         V, b = _item_vectors(model, device)
         self.item_vecs_ = np.concatenate([V, b[:, None]], 1).astype(np.float32)
         unk = np.zeros((1, codes.shape[1]), np.int64)

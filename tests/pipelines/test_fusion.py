@@ -656,3 +656,47 @@ def test_auto_cold_item_simulation_follows_the_held_out_slice_not_rare_items(tmp
     n_items = len(split.item_ids)
     assert w["stats"]["item_share"] == pytest.approx(len(split.slices["cold_items"]) / n_items)
     assert w["stats"]["cold_items"] > 0
+
+
+def test_a_source_the_stage_cannot_refit_is_masked_on_cold_users_and_absent_from_extra_folds(tmp_path):
+    """A fixed source (e.g. the sequence encoder, which needs side information to fit) is used as
+    trained on the fit rows: never on the simulated cold users / items, whose moved rows it saw,
+    and absent (NaN features) from the extra cross-fitting folds, whose labels it learned from."""
+    split = blocks_split(tmp_path, cold_user_fraction=0.2, cold_user_max=2)
+    fit, full = fit_models(split, "fit"), fit_models(split, None)
+    for models, fold in ((fit, "fit"), (full, None)):
+        m = ItemKNN(neighbors=10).fit(split.interactions(fold))
+        m.set_side_info = lambda *a, **k: None  # what makes a model fixed (see F.refittable)
+        models["fixedknn"] = m
+    assert not F.refittable(fit["fixedknn"]) and F.refittable(fit["itemknn"])
+    p = F.resolve_params({**FAST, "cold_user_simulation": 0.3, "refit_sources": True,
+                          "model_cold_users": True, "cv_folds": 2})
+    w = F.training_world(split, p)
+    with pytest.raises(ValueError, match="leakage"):  # it saw the simulated cold users' rows ...
+        F.check_no_leak({"fixedknn": fit["fixedknn"]}, w["labels"])
+    items = F.build_item_side(split.items, split.item_ids, None, p)
+    users = F.build_user_side(split.users, split.user_ids, p)
+    ctx = F.build_context(w["context"], items, users, p)
+    # ... but none of a warm user x warm item, the only pairs where it is used
+    F.check_no_leak({"fixedknn": fit["fixedknn"]}, F.warm_rows(w["labels"], ctx, users, items, p))
+    clones = {n: F.clone_model(m).fit(w["context"]) for n, m in fit.items() if F.refittable(m)}
+    fb = F.FeatureBuilder(F.make_sources({**fit, **clones}, ctx, items, users, p), ctx, items, users, p)
+    ts = F.build_training_set(fb, w["labels"], p)
+    col = {n: fb.names.index(f"{n}_rank") for n in ("fixedknn", "itemknn")}
+    sim = np.isin(split.user_ids[ts["users"]], list(w["sim_users"]))
+    assert sim.any() and (~sim).any()
+    assert np.isnan(ts["X"][sim, col["fixedknn"]]).all()  # masked on the simulated cold users
+    assert np.isfinite(ts["X"][sim, col["itemknn"]]).any()  # a re-fitted model is not
+    assert np.isfinite(ts["X"][~sim, col["fixedknn"]]).any()
+    folds = F.cross_folds(split, 2, 0)
+    both, stats = F._add_cross_folds(ts, folds, split, fit, items, users, p)
+    extra = both["users"] >= ts["n_users"]
+    assert extra.any() and stats[0]["n_rows"] == extra.sum()
+    assert np.isnan(both["X"][extra, col["fixedknn"]]).all()  # absent where it saw the labels
+    assert np.isfinite(both["X"][extra, col["itemknn"]]).any()
+    # the whole stage runs (a fixed source used to stop refit_sources / cv_folds) and, at test
+    # time, the full variant proposes candidates
+    out = F.fuse(split, fit, full, None, None, dict(p))
+    assert "fixedknn" in out["summary"]["sources"]
+    assert out["summary"]["test"]["candidates_per_user"]["mean"] > 0
+    assert out["recommendations"]["sources"].str.contains("fixedknn").any()

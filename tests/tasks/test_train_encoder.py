@@ -101,6 +101,15 @@ def test_cli_writes_model_metrics_and_curves(tmp_path):
     assert list(model.item_ids) == list(sp.item_ids) and list(model.user_ids) == list(sp.user_ids)
     scores = model.score_users(model.user_index(["u0", "cold", "stranger"]))
     assert np.isfinite(scores).all()  # cold items and cold / unknown users included
+    # the fit-rows-only variant for the fuse stage: a pair it discovers, honest on the val fold
+    from pipelines import fusion
+
+    assert fusion.discover_sources(out) == {"encoder": (out / "model_fit", out / "model")}
+    fit_model = Recommender.load(out / "model_fit")
+    train = pd.read_parquet(split / "train.parquet")
+    fusion.check_no_leak({"encoder": fit_model}, train[train.fold == "val"])
+    with pytest.raises(ValueError, match="leakage"):  # the exported model did learn from them
+        fusion.check_no_leak({"encoder": model}, train[train.fold == "val"])
     # dvclive curves: one row per epoch for loss and val recall
     curves = list((out / "dvclive").rglob("*.tsv"))
     names = {p.name for p in curves}

@@ -327,3 +327,36 @@ def test_changed_users_compares_item_sets_not_only_counts():
     data = Interactions.build(new)
     got = dict(zip(data.user_ids, changed_users(prev, data)))
     assert got == {"a": False, "b": True, "c": False, "d": True}
+
+
+def test_fit_variant_scores_from_the_fit_rows_alone(tmp_path):
+    data, users, feat = blocks()
+    m = fit(data, users, feat, epochs=3, refit=True, refit_tolerance=0.0)
+    fv = m.fit_model_
+    assert fv is not None and fv.fit_model_ is None
+    fit_rows = data.df[data.df["fold"] == "fit"]
+    # seen items = the fit rows only: the val items stay recommendable (the fuse's labels)
+    want = Interactions(fit_rows.drop(columns="fold"), data.user_ids, data.item_ids).matrix()
+    assert (fv._seen != want).nnz == 0 and m._seen.nnz > fv._seen.nnz
+    # phase-1 weights (the exported model was refitted on every row: other weights)
+    assert not np.allclose(fv.weights_["item_emb.weight"], m.weights_["item_emb.weight"])
+    # its user vectors encode each user's fit history (not the whole training history)
+    from pipelines.recommenders.encoder import _Histories
+
+    arch = fv.params["_arch"]
+    codes = attribute_codes(users, data.user_ids, arch["attr_spec"])
+    cross = cross_codes(codes, arch["attr_hash_buckets"])
+
+    def vectors(rows):
+        hist = _Histories.from_df(rows, data.n_users, tuple(arch["rating_range"]))
+        return fv._user_vectors(fv.torch_module(), hist, codes, cross, torch.device("cpu"), None)
+
+    np.testing.assert_allclose(fv.user_vecs_, vectors(fit_rows), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(fv.user_vecs_, vectors(data.df), rtol=1e-3, atol=1e-4)
+    fv.save(tmp_path / "fit")
+    back = Recommender.load(tmp_path / "fit")
+    np.testing.assert_array_equal(back.score_users(np.arange(4)), fv.score_users(np.arange(4)))
+    # no val fold: no fit variant
+    plain = fit(Interactions(data.df.drop(columns="fold"), data.user_ids, data.item_ids), users, feat,
+                epochs=1)
+    assert plain.fit_model_ is None
