@@ -154,6 +154,9 @@ def run_size(size: int, workdir: Path, params: Path, incremental: bool, log,
     print(f"[{size}] generated in {ds['generate_seconds']} s", file=sys.stderr, flush=True)
     proto = bench.PROTOCOLS["stratified"]
     if not incremental:
+        # a cold run: nothing left from an earlier run (persisted outputs: the feature caches,
+        # the warm-start models) may serve this one
+        shutil.rmtree(workdir / f"run-{size}", ignore_errors=True)
         full = bench.run_protocol(data_dir, f"{size}", proto, workdir / f"run-{size}", params)
         import pyarrow.parquet as pq
 
@@ -162,6 +165,7 @@ def run_size(size: int, workdir: Path, params: Path, incremental: bool, log,
     base_dir = workdir / f"data-{size}-base"
     inc = split_increment(data_dir, base_dir)
     wd = workdir / f"inc-{size}"
+    shutil.rmtree(wd, ignore_errors=True)  # the base run is cold (see above); the rerun is not
     base = bench.run_protocol(base_dir, f"{size}-base", proto, wd, params)
     res = {**_summary(base), "dataset": ds, "n_interactions": inc["n_base"]}
     rerun = bench.run_protocol(data_dir, f"{size}-incremental", proto, wd, params)

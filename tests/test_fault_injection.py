@@ -547,6 +547,28 @@ def _recall_at_10(repo: Path, model_dir: str) -> float:
     return float(recall(reco, [set(truth.get_group(u)) for u in users], 10).mean())
 
 
+def kill_after_output_then_retry(repo: Path, stage: str, marker: Path, log: Path,
+                                 done: set[str]) -> None:
+    """SIGKILL ``stage`` right after its new output replaced the old one (``marker``, a file of
+    the output, changed inode) and before DVC committed it; check the DVC state; retry."""
+    before = marker.stat().st_ino
+    proc = start_stage(repo, stage, log)
+    while proc.poll() is None:
+        with contextlib.suppress(FileNotFoundError):
+            if marker.stat().st_ino != before:  # the new output is in place: not committed yet
+                break
+        time.sleep(0.002)
+    hit = proc.poll() is None
+    kill_group(proc)
+    RECORDS.append({"stage": stage, "point": "after-output-before-commit", "killed": hit})
+    assert hit, f"{stage} finished (and committed) before the kill"
+    assert not dvc_state_problems(repo, done)
+    start = log.stat().st_size
+    rc, _ = run_stage(repo, stage, log)
+    retry_log = log.read_text()[start:]
+    assert rc == 0 and f"[run-stage {stage}] changed" in retry_log, retry_log[-3000:]
+
+
 def test_warm_started_fuse_killed_after_its_output_was_written(world):
     """fuse with warm start on (the default): nothing upstream changed, so the ranker is reused and
     no user is rescored.  SIGKILL right after the new output replaced the old one, before DVC
@@ -560,24 +582,8 @@ def test_warm_started_fuse_killed_after_its_output_was_written(world):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["fuse"]["warm_start"] = True
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    log = world["base"] / "warm-fuse.log"
     summary = out / "summary.json"
-    before = summary.stat().st_ino
-    proc = start_stage(repo, "fuse", log)
-    while proc.poll() is None:
-        with contextlib.suppress(FileNotFoundError):
-            if summary.stat().st_ino != before:  # the new output is in place: not committed yet
-                break
-        time.sleep(0.002)
-    hit = proc.poll() is None
-    kill_group(proc)
-    RECORDS.append({"stage": "fuse", "point": "after-output-before-commit", "killed": hit})
-    assert hit, "fuse finished (and committed) before the kill"
-    assert not dvc_state_problems(repo, done)
-    start = log.stat().st_size
-    rc, _ = run_stage(repo, "fuse", log)
-    retry_log = log.read_text()[start:]
-    assert rc == 0 and "[run-stage fuse] changed" in retry_log, retry_log[-3000:]
+    kill_after_output_then_retry(repo, "fuse", summary, world["base"] / "warm-fuse.log", done)
     warm = json.loads(summary.read_text())["warm_start"]
     assert warm["used"] and warm["rescored_users"] == 0 and warm["reuses"] == 2, warm
     for name, data in cold.items():
@@ -603,22 +609,7 @@ def test_warm_started_training_killed_after_its_output_was_written(world):
     rc, _ = run_stage(clean, "fit_cf", log)
     assert rc == 0, log.read_text()[-3000:]
     summary = repo / "artifacts" / "fit_cf" / "summary.json"
-    before = summary.stat().st_ino
-    proc = start_stage(repo, "fit_cf", log)
-    while proc.poll() is None:
-        with contextlib.suppress(FileNotFoundError):
-            if summary.stat().st_ino != before:  # the new output is in place: not committed yet
-                break
-        time.sleep(0.002)
-    hit = proc.poll() is None
-    kill_group(proc)
-    RECORDS.append({"stage": "fit_cf", "point": "after-output-before-commit", "killed": hit})
-    assert hit, "fit_cf finished (and committed) before the kill"
-    assert not dvc_state_problems(repo, done)
-    start = log.stat().st_size
-    rc, _ = run_stage(repo, "fit_cf", log)
-    retry_log = log.read_text()[start:]
-    assert rc == 0 and "[run-stage fit_cf] changed" in retry_log, retry_log[-3000:]
+    kill_after_output_then_retry(repo, "fit_cf", summary, log, done)
     warm = json.loads(summary.read_text())["warm_start"]
     assert any(v.get("used") for v in warm.values()), warm
     for model in ("full/als", "full/bpr", "fit/als"):

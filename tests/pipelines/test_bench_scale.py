@@ -98,3 +98,34 @@ def test_reuse_reads_what_the_stages_write(tmp_path):
     assert r["train_encoder"]["warm_start"]["used"] and r["train_encoder"]["epochs_run"] == 2
     assert r["fit_cf"] == {"full/als": {"used": True}}
     assert "preprocess_image" not in r
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_the_cold_run_starts_from_an_empty_workspace(tmp_path, monkeypatch, incremental):
+    """A workspace left by an earlier run (feature caches, warm-start models) must not serve the
+    cold run; the incremental rerun does start from the cold run's workspace."""
+    from pipelines import bench
+
+    seen = []
+
+    def fake_run(data_dir, name, proto, wd, params):
+        seen.append((name, sorted(p.name for p in wd.iterdir()) if wd.exists() else None))
+        wd.mkdir(parents=True, exist_ok=True)
+        (wd / f"left-by-{name}").write_text("x")
+        return {"seconds": {"fuse": 1.0}, "peak_rss_mb": {"fuse": 1}, "cpu_seconds": {"fuse": 1.0},
+                "metrics": {}}
+
+    monkeypatch.setattr(bench, "run_protocol", fake_run)
+    monkeypatch.setattr(bench_scale, "generate", lambda size, out, log: {"generate_seconds": 0})
+    monkeypatch.setattr(bench_scale, "split_increment", lambda full, base: {"n_base": 1})
+    monkeypatch.setattr(bench_scale, "_reuse", lambda wd: {})
+    data = tmp_path / "data-1000"
+    data.mkdir()
+    pd.DataFrame({"user_id": ["u"], "item_id": ["i"]}).to_parquet(data / "ratings.parquet")
+    for stale in ("run-1000", "inc-1000"):
+        (tmp_path / stale / "artifacts").mkdir(parents=True)
+    bench_scale.run_size(1000, tmp_path, tmp_path / "params.yaml", incremental, log=None)
+    if incremental:
+        assert seen == [("1000-base", None), ("1000-incremental", ["left-by-1000-base"])]
+    else:
+        assert seen == [("1000", None)]
