@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -130,6 +131,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="bench_runs")
     ap.add_argument("--out", default="reports/bench.json")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--reuse-workdir", action="store_true",
+                    help="keep WORKDIR/PROTOCOL from an earlier run (its persisted outputs, the "
+                         "feature caches and warm-start models, then serve this one: not a cold "
+                         "benchmark)")
     args = ap.parse_args(argv)
     data = Path(args.data)
     if not data.is_dir():
@@ -140,7 +145,10 @@ def main(argv=None) -> int:
         if name not in PROTOCOLS:
             print(f"ERROR: unknown protocol '{name}' ({sorted(PROTOCOLS)})", file=sys.stderr)
             return 2
-        r = run_protocol(data, name, PROTOCOLS[name], Path(args.workdir) / name, Path(args.params))
+        wd = Path(args.workdir) / name
+        if not args.reuse_workdir:  # a cold run: nothing persisted by an earlier run serves it
+            shutil.rmtree(wd, ignore_errors=True)
+        r = run_protocol(data, name, PROTOCOLS[name], wd, Path(args.params))
         result[name] = r["metrics"]
         result["seconds_by_protocol"][name] = r["seconds"]
         for st, sec in r["seconds"].items():

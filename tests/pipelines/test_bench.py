@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pipelines import bench
 
 
@@ -46,3 +48,21 @@ def test_stage_rows_follow_the_graph_order():
               "peak_rss_mb": {"p": {"fuse": 1.0, "validate": 1.0, "evaluate": 1.0}}}
     rows = [ln.split("|")[1].strip() for ln in bench.table(result).splitlines() if ln.startswith("| ")]
     assert rows[1:] == ["validate", "fuse", "evaluate"]
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_each_protocol_runs_in_an_empty_workdir_unless_reuse_is_asked(tmp_path, monkeypatch, reuse):
+    seen = {}
+
+    def fake_run(data, name, overrides, workdir, params_file):
+        seen[name] = sorted(p.name for p in workdir.iterdir()) if workdir.exists() else None
+        return {"metrics": {}, "seconds": {"fuse": 1.0}, "peak_rss_mb": {"fuse": 1}, "cpu_seconds": {}}
+
+    monkeypatch.setattr(bench, "run_protocol", fake_run)
+    (tmp_path / "data").mkdir()
+    for name in bench.PROTOCOLS:  # what an earlier run persisted there (caches, models)
+        (tmp_path / "runs" / name / "artifacts").mkdir(parents=True)
+    argv = ["--data", str(tmp_path / "data"), "--workdir", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "bench.json")] + (["--reuse-workdir"] if reuse else [])
+    assert bench.main(argv) == 0
+    assert seen == {name: (["artifacts"] if reuse else None) for name in bench.PROTOCOLS}
