@@ -13,7 +13,11 @@ Pipeline, run twice with the same code (no leakage by construction):
   from the context into the labels (every row of a sample of items, and all
   but 1..``cold_user_max`` rows of a sample of users) so that the ranker also
   sees cold items and cold users; the fitted models, which did see those rows,
-  are never used on cold users or cold items (same rule at test time).
+  are never used on cold users or cold items (same rule at test time), unless
+  ``refit_sources`` re-fits them on the simulated context (``model_cold_users``).
+  Models the stage cannot re-fit (the encoder: :func:`refittable`) are then
+  hidden from the simulated cold users only, and absent from the extra
+  cross-fitting folds (``cv_folds``).
 * **test time**: the ``full`` models and all training rows produce candidates
   and the same features for every user of the catalogue; the ranker orders
   them and the top ``k`` are written with a readable reason.
