@@ -660,7 +660,7 @@ class Source:
     score: Callable[[np.ndarray], np.ndarray]  # catalogue user idx -> [B, n_items] float32
     only_cold: bool = False
     model: bool = False  # a fitted Recommender: used only on warm users x warm items (see frame)
-    fixed: bool = False  # a model the stage cannot re-fit (see refittable)
+    fixed: bool = False  # a model the stage cannot re-fit (see refittable): never on cold users
 
 
 class ModelSource:
@@ -719,33 +719,24 @@ def refittable(model: Recommender) -> bool:
     """Whether the fuse stage can re-fit a clone of ``model`` (see :func:`clone_model`).
 
     Models that need side information to fit (the sequence encoder) are *fixed* sources: their
-    ``fit`` variant is used as trained, hidden from the users whose rows the cold-start
-    simulation moved into the labels (``hide_users`` of :func:`make_sources`; the simulated
-    cold items are cold in the context, where no model scores), and they are absent (NaN
-    features, no candidates) from the extra cross-fitting folds, whose labels are fit rows that
-    the ``fit`` variant learned from."""
+    ``fit`` variant is used as trained, masked on the cold users and cold items of the training
+    context (the rows that the cold-start simulation moved into the labels are exactly theirs),
+    and they are absent (NaN features, no candidates) from the extra cross-fitting folds, whose
+    labels are fit rows that the ``fit`` variant learned from."""
     return not hasattr(model, "set_side_info")
 
 
 def make_sources(models: dict[str, Recommender], ctx: Context, items: ItemSide,
-                 users: UserSide, p: dict, absent: tuple | list | set = (),
-                 hide_users: np.ndarray | None = None) -> list[Source]:
+                 users: UserSide, p: dict, absent: tuple | list | set = ()) -> list[Source]:
     """Every candidate source on context ``ctx``.  ``absent``: model names without a usable
-    model in this context (see :func:`refittable`): same feature columns, all missing.
-    ``hide_users``: [n_users] bool, catalogue users that fixed sources must not score (they saw
-    those users' label rows)."""
+    model in this context (see :func:`refittable`): same feature columns, all missing."""
     srcs = []
     ni = len(items.item_ids)
     for name in sorted(set(models) | set(absent)):
         if name in models:
-            fixed = not refittable(models[name])
-            score = ModelSource(models[name], users.user_ids, items.item_ids)
-            if fixed and hide_users is not None and hide_users.any():
-                def score(uidx, base=score, hide=hide_users):
-                    sc = base(uidx)
-                    sc[hide[uidx]] = -np.inf
-                    return sc
-            srcs.append(Source(name, n_candidates(p, name), score, model=True, fixed=fixed))
+            srcs.append(Source(name, n_candidates(p, name),
+                               ModelSource(models[name], users.user_ids, items.item_ids), model=True,
+                               fixed=not refittable(models[name])))
         else:
             srcs.append(Source(name, n_candidates(p, name),
                                lambda uidx: np.full((len(uidx), ni), -np.inf, np.float32),
@@ -937,7 +928,7 @@ class FeatureBuilder:
                 raise ValueError(f"source '{s.name}' returned scores of shape {sc.shape}, "
                                  f"expected {(B, ni)}")
             if s.model:  # fitted models: warm items (and warm users) of the context only
-                if not p["model_cold_users"]:
+                if not p["model_cold_users"] or s.fixed:
                     sc[ctx.user_n[uidx] <= cold_max] = -np.inf
                 sc[:, ctx.cold] = -np.inf
             sc[srows, seen.indices] = -np.inf
@@ -1400,18 +1391,6 @@ def warm_rows(rows: pd.DataFrame, ctx: Context, users: UserSide, items: ItemSide
         rows[ITEM].astype(str))
     ok = (u >= 0) & (i >= 0)
     ok[ok] = (ctx.user_n[u[ok]] > int(p["cold_user_max"])) & ~ctx.cold[i[ok]]
-    return rows[ok]
-
-
-def scored_rows(rows: pd.DataFrame, ctx: Context, users: UserSide, items: ItemSide, p: dict,
-                hide_users: np.ndarray) -> pd.DataFrame:
-    """The rows of ``rows`` that a fixed source scores: warm item, user not hidden."""
-    u = pd.Index(np.asarray(users.user_ids, dtype=object).astype(str)).get_indexer(
-        rows[USER].astype(str))
-    i = pd.Index(np.asarray(items.item_ids, dtype=object).astype(str)).get_indexer(
-        rows[ITEM].astype(str))
-    ok = (u >= 0) & (i >= 0)
-    ok[ok] = ~hide_users[u[ok]] & ~ctx.cold[i[ok]]
     return rows[ok]
 
 
@@ -1886,19 +1865,14 @@ def fuse(split: Split, fit_models: dict[str, Recommender] | Callable[[], dict[st
             # and items, whose moved rows they saw (Source.fixed)
             train_models = {**fit_models, **refitted}
         ctx_fit = build_context(world["context"], items, users, p)
-        hide = np.isin(np.asarray(users.user_ids, dtype=object).astype(str),
-                       np.asarray(list(world["sim_users"]), dtype=object).astype(str))
-        # the models used as trained never saw a label row of a pair they score (see
-        # FeatureBuilder.frame and make_sources' hide_users)
-        if p["refit_sources"]:
-            check_no_leak({n: m for n, m in train_models.items() if not refittable(m)},
-                          scored_rows(world["labels"], ctx_fit, users, items, p, hide),
-                          what="training label (a pair a fixed source scores)")
-        else:
-            check_no_leak(train_models, warm_rows(world["labels"], ctx_fit, users, items, p),
-                          what="training label (warm user x warm item)")
-        fb_fit = FeatureBuilder(make_sources(train_models, ctx_fit, items, users, p,
-                                             hide_users=hide), ctx_fit, items, users, p)
+        masked = {n: m for n, m in train_models.items()
+                  if not p["refit_sources"] or not refittable(m)}
+        # the models used as trained never saw a label row of a warm user x warm item (the
+        # pairs they score; the others are masked, see FeatureBuilder.frame)
+        check_no_leak(masked, warm_rows(world["labels"], ctx_fit, users, items, p),
+                      what="training label (warm user x warm item)")
+        fb_fit = FeatureBuilder(make_sources(train_models, ctx_fit, items, users, p), ctx_fit,
+                                items, users, p)
         ts = build_training_set(fb_fit, world["labels"], p)
         folds = cross_folds(split, int(p["cv_folds"]), int(p["seed"]))
         if folds:
