@@ -15,9 +15,9 @@ Pipeline, run twice with the same code (no leakage by construction):
   sees cold items and cold users; the fitted models, which did see those rows,
   are never used on cold users or cold items (same rule at test time), unless
   ``refit_sources`` re-fits them on the simulated context (``model_cold_users``).
-  Models the stage cannot re-fit (the encoder: :func:`refittable`) are then
-  hidden from the simulated cold users only, and absent from the extra
-  cross-fitting folds (``cv_folds``).
+  Models the stage cannot re-fit (the encoder: :func:`refittable`) keep the
+  rule (never on cold users or cold items, in training and at test time alike)
+  and are absent from the extra cross-fitting folds (``cv_folds``).
 * **test time**: the ``full`` models and all training rows produce candidates
   and the same features for every user of the catalogue; the ranker orders
   them and the top ``k`` are written with a readable reason.
@@ -720,8 +720,10 @@ def refittable(model: Recommender) -> bool:
 
     Models that need side information to fit (the sequence encoder) are *fixed* sources: their
     ``fit`` variant is used as trained, masked on the cold users and cold items of the training
-    context (the rows that the cold-start simulation moved into the labels are exactly theirs),
-    and they are absent (NaN features, no candidates) from the extra cross-fitting folds, whose
+    context (the rows that the cold-start simulation moved into the labels are exactly theirs;
+    masked at test time too, so that the ranker meets them where it learned them: hiding them
+    from the simulated cold users only was measured slightly worse on ML-100K coldstart, 0.4955
+    vs 0.4982 NDCG@10), and they are absent (NaN features, no candidates) from the extra cross-fitting folds, whose
     labels are fit rows that the ``fit`` variant learned from."""
     return not hasattr(model, "set_side_info")
 
