@@ -720,11 +720,11 @@ def refittable(model: Recommender) -> bool:
 
     Models that need side information to fit (the sequence encoder) are *fixed* sources: their
     ``fit`` variant is used as trained, masked on the cold users and cold items of the training
-    context (the rows that the cold-start simulation moved into the labels are exactly theirs;
-    masked at test time too, so that the ranker meets them where it learned them: hiding them
-    from the simulated cold users only was measured slightly worse on ML-100K coldstart, 0.4955
-    vs 0.4982 NDCG@10), and they are absent (NaN features, no candidates) from the extra cross-fitting folds, whose
-    labels are fit rows that the ``fit`` variant learned from."""
+    context (the rows that the cold-start simulation moved into the labels are exactly theirs)
+    and at test time alike, so that the ranker meets them where it learned them (hiding them
+    from the simulated cold users only measured slightly worse on the ML-100K coldstart
+    protocol: 0.4955 vs 0.4982 NDCG@10); they are absent (NaN features, no candidates) from the
+    extra cross-fitting folds, whose labels are fit rows that the ``fit`` variant learned from."""
     return not hasattr(model, "set_side_info")
 
 
@@ -1863,8 +1863,8 @@ def fuse(split: Split, fit_models: dict[str, Recommender] | Callable[[], dict[st
             refitted = {n: clone_model(m).fit(world["context"]) for n, m in fit_models.items()
                         if refittable(m)}
             check_no_leak(refitted, world["labels"], what="training label")
-            # fixed sources stay as trained on the fit rows: masked on the simulated cold users
-            # and items, whose moved rows they saw (Source.fixed)
+            # fixed sources stay as trained on the fit rows: masked on every cold user and cold
+            # item, the simulated ones (whose moved rows they saw) included (Source.fixed)
             train_models = {**fit_models, **refitted}
         ctx_fit = build_context(world["context"], items, users, p)
         masked = {n: m for n, m in train_models.items()

@@ -820,6 +820,7 @@ class EncoderRecommender(Recommender):
         m.user_vecs_, m.item_vecs_, m.prior_vec_ = self._fit_user_vecs, self.item_vecs_, self.prior_vec_
         m.weights_ = dict(self.weights_)
         m.train_info_ = {k: v for k, v in self.train_info_.items() if k != "history"}
+        self._fit_user_vecs = None  # handed over
         return m
 
     def _refit(self, data: Interactions) -> None:
@@ -1059,7 +1060,7 @@ class EncoderRecommender(Recommender):
             model.load_state_dict(best_state)
         model.eval()
         self.user_vecs_ = self._user_vectors(model, hist_all, codes, cross, device, amp)
-        # the fit-rows-only variant (see fit_variant): user vectors from the fit rows alone
+        # the fit-rows-only variant (see _fit_variant): user vectors from the fit rows alone
         self._fit_user_vecs = (self._user_vectors(model, hist_fit, codes, cross, device, amp)
                                if len(val_df) else None)
         V, b = _item_vectors(model, device)
