@@ -225,10 +225,44 @@ def open_dvc(repo: Path):
     return Repo(str(repo))
 
 
+def repair_rwlock(dvc_repo) -> bool:
+    """Remove DVC's ``.dvc/tmp/rwlock`` when it does not parse (True if it did so).
+
+    DVC rewrites that file in place (``open(path, "w")`` then ``json.dump``), so a process
+    killed between the two leaves it empty, and every later DVC command of the repository then
+    fails with "Unable to read RWLock-file" (seen once in ``tests/test_fault_injection.py``).
+    The file only records the path locks of running DVC commands: a torn one is left by a dead
+    writer.  The check runs under DVC's own guard of that file (``rwlock.lock``), so no live
+    DVC process is between its read and its write; a missing file is what DVC reads as "no
+    locks"."""
+    from dvc.lock import make_lock
+    from dvc.rwlock import RWLOCK_FILE, RWLOCK_LOCK
+
+    tmp_dir = dvc_repo.tmp_dir
+    path = os.path.join(tmp_dir, RWLOCK_FILE)
+    if not os.path.exists(path):
+        return False
+    guard = make_lock(os.path.join(tmp_dir, RWLOCK_LOCK), tmp_dir=tmp_dir,
+                      hardlink_lock=dvc_repo.config["core"].get("hardlink_lock", False))
+    with guard:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                json.load(fh)
+            return False
+        except FileNotFoundError:
+            return False
+        except ValueError as exc:
+            os.unlink(path)
+            print(f"[run-stage] removed a torn DVC rwlock file ({exc}): its writer was killed "
+                  f"mid-write", file=sys.stderr, flush=True)
+            return True
+
+
 def _with_dvc(dvc_repo, fn: Callable, timeout: float):
     """Call ``fn(dvc_repo)``; retry while someone outside the runner holds DVC's own lock."""
     from dvc.lock import LockError
 
+    repair_rwlock(dvc_repo)
     deadline = time.monotonic() + timeout
     while True:
         try:

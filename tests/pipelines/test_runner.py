@@ -181,6 +181,27 @@ def test_failed_stage_leaves_output_and_lock_unchanged(fake_repo):
     assert not (repo / "out" / "a.tmp").exists()
 
 
+def test_a_torn_dvc_rwlock_file_left_by_a_killed_writer_is_repaired(fake_repo):
+    """DVC rewrites .dvc/tmp/rwlock in place: a writer killed between truncate and write leaves
+    it empty, and plain DVC then fails on every command; the runner removes it and goes on."""
+    repo = fake_repo
+    _set_params(repo, make_a={"sleep": 0})
+    rw = repo / ".dvc" / "tmp" / "rwlock"
+    rw.parent.mkdir(parents=True, exist_ok=True)
+    rw.write_text("")  # what the killed writer left
+    plain = _run([sys.executable, "-m", "dvc", "status"], repo)
+    assert plain.returncode != 0 and "RWLock" in plain.stderr + plain.stdout
+    rw.write_text("")
+    res = _run(_runner_cmd("make_a"), repo)
+    assert res.returncode == 0, res.stderr
+    assert "removed a torn DVC rwlock file" in res.stderr
+    assert _lock_entry(repo, "make_a") is not None
+    json.loads(rw.read_text())  # DVC wrote it again, whole
+    # a whole file is left to DVC
+    res = _run(_runner_cmd("make_a"), repo)
+    assert res.returncode == 0 and "removed a torn" not in res.stderr, res.stderr
+
+
 def test_stale_dvc_yaml_and_unknown_stage_are_rejected(fake_repo):
     repo = fake_repo
     res = _run(_runner_cmd("nope"), repo)
