@@ -40,7 +40,8 @@ class FaultProxy:
         self.url = f"http://{host}:{self.port}"
         self.requests: list[str] = []  # request lines, in order
         self.on_request: Callable[[int], None] | None = None
-        self._armed: tuple[int, str] | None = None
+        self._armed: tuple[int, str, str | None] | None = None
+        self._matched = 0  # requests of the armed method so far
         self._lock = threading.Lock()
         self._socks: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -48,12 +49,14 @@ class FaultProxy:
         self.up()
 
     # ------------------------------------------------------------------ control
-    def arm(self, n: int | None, mode: str = "before") -> None:
-        """Go down at request number ``n`` (1-based, counted from now on)."""
+    def arm(self, n: int | None, mode: str = "before", method: str | None = None) -> None:
+        """Go down at request number ``n`` (1-based, counted from now on; with ``method``,
+        the ``n``-th request of that method, e.g. the 6th PUT whatever else came between)."""
         assert mode in ("before", "after"), mode
         with self._lock:
             self.requests.clear()
-            self._armed = None if n is None else (n, mode)
+            self._matched = 0
+            self._armed = None if n is None else (n, mode, method)
 
     def up(self) -> None:
         with self._lock:
@@ -122,17 +125,24 @@ class FaultProxy:
     def _begin(self, head: bytes, state: dict) -> bool:
         """A request head arrived: False if the proxy goes down before forwarding it."""
         with self._lock:
-            self.requests.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
+            line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            self.requests.append(line)
             n = len(self.requests)
-            armed = self._armed
+            armed, hit = self._armed, None
+            if armed is not None:
+                if armed[2] is None:
+                    hit = armed[1] if n == armed[0] else None
+                elif line.startswith(armed[2] + " "):
+                    self._matched += 1
+                    hit = armed[1] if self._matched == armed[0] else None
         if self.on_request is not None:
             self.on_request(n)
-        if armed == (n, "before"):
+        if hit == "before":
             self.down()
             return False
         # set before a byte is forwarded: the server may answer before the next line runs
         # (requests are not pipelined: the next data from upstream is this request's answer)
-        state["swallow"] = armed == (n, "after")
+        state["swallow"] = hit == "after"
         return True
 
     def _c2s(self, client: socket.socket, upstream: socket.socket, state: dict) -> None:
