@@ -1383,14 +1383,11 @@ def cross_folds(split: Split, n_folds: int, seed: int) -> list[tuple[pd.DataFram
     return out
 
 
-def warm_rows(rows: pd.DataFrame, ctx: Context, users: UserSide, items: ItemSide,
-              p: dict) -> pd.DataFrame:
+def warm_rows(rows: pd.DataFrame, ctx: Context, p: dict) -> pd.DataFrame:
     """The rows of ``rows`` whose user is warm (more than ``cold_user_max`` context rows) and
     whose item is warm (in the context): where masked models score (see FeatureBuilder.frame)."""
-    u = pd.Index(np.asarray(users.user_ids, dtype=object).astype(str)).get_indexer(
-        rows[USER].astype(str))
-    i = pd.Index(np.asarray(items.item_ids, dtype=object).astype(str)).get_indexer(
-        rows[ITEM].astype(str))
+    u = ctx.inter.user_index(rows[USER].astype(str).to_numpy())
+    i = ctx.inter.item_index(rows[ITEM].astype(str).to_numpy())
     ok = (u >= 0) & (i >= 0)
     ok[ok] = (ctx.user_n[u[ok]] > int(p["cold_user_max"])) & ~ctx.cold[i[ok]]
     return rows[ok]
@@ -1871,7 +1868,7 @@ def fuse(split: Split, fit_models: dict[str, Recommender] | Callable[[], dict[st
                   if not p["refit_sources"] or not refittable(m)}
         # the models used as trained never saw a label row of a warm user x warm item (the
         # pairs they score; the others are masked, see FeatureBuilder.frame)
-        check_no_leak(masked, warm_rows(world["labels"], ctx_fit, users, items, p),
+        check_no_leak(masked, warm_rows(world["labels"], ctx_fit, p),
                       what="training label (warm user x warm item)")
         fb_fit = FeatureBuilder(make_sources(train_models, ctx_fit, items, users, p), ctx_fit,
                                 items, users, p)

@@ -678,7 +678,7 @@ def test_a_source_the_stage_cannot_refit_is_masked_on_cold_users_and_absent_from
     users = F.build_user_side(split.users, split.user_ids, p)
     ctx = F.build_context(w["context"], items, users, p)
     # ... but none of a warm user x warm item, the only pairs where it is used
-    F.check_no_leak({"fixedknn": fit["fixedknn"]}, F.warm_rows(w["labels"], ctx, users, items, p))
+    F.check_no_leak({"fixedknn": fit["fixedknn"]}, F.warm_rows(w["labels"], ctx, p))
     clones = {n: F.clone_model(m).fit(w["context"]) for n, m in fit.items() if F.refittable(m)}
     fb = F.FeatureBuilder(F.make_sources({**fit, **clones}, ctx, items, users, p), ctx, items, users, p)
     ts = F.build_training_set(fb, w["labels"], p)
