@@ -12,7 +12,8 @@ not exist is skipped with a log line (its features are simply absent).
 Outputs (``--out``): ``recommendations.parquet`` (user_id, item_id, rank,
 score, reason, sources; every catalogue user), ``model.txt`` (LightGBM text
 model; ``model.json`` tree dump for the scikit-learn fallback) +
-``features.json``, ``feature_importance.json``, ``user_state.parquet`` (a
+``features.json``, ``cold_model.txt`` + ``cold_features.json`` (the cold-user
+ranker, when one was trained: ``summary.json`` ``cold_ranker``), ``feature_importance.json``, ``user_state.parquet`` (a
 digest of each user's training rows), ``summary.json`` (timings, candidates
 per user, candidate recall on the validation fold, k, ``warm_start``).
 
@@ -91,10 +92,19 @@ def load_previous(out: str | Path) -> tuple[dict | None, str]:
     if missing:
         return None, f"{out}: no previous output ({', '.join(missing)} missing)"
     try:
-        prev = {"summary": json.loads((out / "summary.json").read_text(encoding="utf-8")),
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        files = [summary.get("model_file", "model.txt"),
+                 (summary.get("cold_ranker") or {}).get("model_file")]
+        missing = [n for n in files if n and not (out / n).is_file()]
+        if missing:
+            return None, f"{out}: no previous output ({', '.join(missing)} missing)"
+        prev = {"summary": summary,
                 "ranker": fusion.Ranker.load(out),
+                "cold_ranker": None,
                 "recommendations": pd.read_parquet(out / "recommendations.parquet"),
                 "user_state": pd.read_parquet(out / "user_state.parquet")}
+        if (prev["summary"].get("cold_ranker") or {}).get("used"):
+            prev["cold_ranker"] = fusion.Ranker.load(out, prefix="cold_")
     except (OSError, ValueError, KeyError) as exc:  # reported, and the ranker is retrained
         return None, f"{out}: previous output unreadable ({type(exc).__name__}: {exc})"
     return prev, "ok"
@@ -179,11 +189,15 @@ def main(argv=None) -> int:
             summary["warm_start"]["reason"] = why
         summary["seconds"]["load"] = round(t_load, 3)
         summary["seconds"]["total"] = round(time.perf_counter() - t0, 3)
-        summary["model_file"] = "model.txt" if res["ranker"].kind == "lightgbm" else "model.json"
+        summary["model_file"] = res["ranker"].model_file()
+        if res["cold_ranker"] is not None:
+            summary["cold_ranker"]["model_file"] = res["cold_ranker"].model_file("cold_")
         imp = res["importances"]
         with atomic_path(args.out, is_dir=True) as tmp:
             res["recommendations"].to_parquet(tmp / "recommendations.parquet", index=False)
             res["ranker"].save(tmp)
+            if res["cold_ranker"] is not None:
+                res["cold_ranker"].save(tmp, prefix="cold_")
             res["user_state"].to_parquet(tmp / "user_state.parquet", index=False)
             (tmp / "feature_importance.json").write_text(json.dumps(imp, indent=2), encoding="utf-8")
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=float),

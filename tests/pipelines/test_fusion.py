@@ -700,3 +700,86 @@ def test_a_source_the_stage_cannot_refit_is_masked_on_cold_users_and_absent_from
     assert "fixedknn" in out["summary"]["sources"]
     assert out["summary"]["test"]["candidates_per_user"]["mean"] > 0
     assert out["recommendations"]["sources"].str.contains("fixedknn").any()
+
+
+# --------------------------------------------------------------------------- cold-user ranker
+
+def _two_pattern_set(n_groups=120, size=15, seed=3):
+    """Warm groups: label follows feature 0; cold groups (every other group): feature 1."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_groups * size, 4)).astype(np.float32)
+    groups = np.repeat(np.arange(n_groups), size)
+    cold = (groups % 2) == 1
+    signal = np.where(cold, X[:, 1], X[:, 0])
+    y = (signal + rng.normal(0, 0.2, len(X)) > 1.0).astype(np.float32)
+    return {"users": groups, "items": np.tile(np.arange(size), n_groups), "X": X, "y": y,
+            "cold": cold, "n_truth": np.bincount(groups, weights=y).astype(np.int64),
+            "n_users": n_groups}
+
+
+def test_cold_ranker_learns_on_the_cold_groups_only():
+    ts = _two_pattern_set()
+    names = ["f0", "f1", "f2", "f3"]
+    p = F.resolve_params({**FAST, "n_estimators": 40, "cold_ranker_min_users": 10})
+    cold_ranker, info = F.train_cold_ranker(ts, names, [], p)
+    assert info["used"] and cold_ranker is not None
+    assert info["n_groups"] == len(np.unique(ts["users"][ts["cold"] & (ts["y"] > 0)]))
+    main, _ = F.train_ranker(ts, names, [], p)
+    # the specialist ranks by the cold users' signal (feature 1), not the warm users' (feature 0)
+    probe = np.zeros((2, 4), np.float32)
+    probe[0, 1] = probe[1, 0] = 2.0
+    sc = cold_ranker.predict(probe)
+    assert sc[0] > sc[1]
+    assert main.predict(probe)[1] > main.predict(probe)[0]  # the warm majority's signal wins
+    # too few cold groups, or switched off: no specialist, and the summary says why
+    none, why = F.train_cold_ranker(ts, names, [], {**p, "cold_ranker_min_users": 10_000})
+    assert none is None and not why["used"] and "cold_ranker_min_users" in why["reason"]
+    none, why = F.train_cold_ranker(ts, names, [], {**p, "cold_ranker": False})
+    assert none is None and why["reason"] == "cold_ranker is off"
+
+
+class _ColumnRanker:
+    """A stand-in ranker scoring by +/- one feature column."""
+
+    kind = "lightgbm"
+
+    def __init__(self, features, col, sign):
+        self.features, self.col, self.sign = list(features), col, sign
+
+    def predict(self, X):
+        return self.sign * np.nan_to_num(np.asarray(X, np.float64)[:, self.col], nan=-1e9)
+
+
+def test_cold_users_are_ranked_by_the_cold_ranker_and_warm_users_by_the_main_one(tmp_path):
+    split = blocks_split(tmp_path, cold_user_fraction=0.3, cold_user_max=2)
+    fb, p = builder(split, fit_models(split, None), None)
+    users = np.arange(len(split.user_ids))
+    col = fb.names.index("pop_log")
+    main, cold = _ColumnRanker(fb.names, col, 1.0), _ColumnRanker(fb.names, col, -1.0)
+    both, stats = F.recommend_all(main, fb, users, p, cold_ranker=cold)
+    only_main, _ = F.recommend_all(main, fb, users, p)
+    only_cold, _ = F.recommend_all(cold, fb, users, p)
+    is_cold = set(split.user_ids[fb.ctx.user_n <= p["cold_user_max"]].astype(str))
+    assert is_cold and stats["users_ranked_by_cold_ranker"] == len(is_cold)
+
+    def part(df, cold_side):
+        sel = df.user_id.isin(is_cold) == cold_side
+        return df[sel].reset_index(drop=True)[["user_id", "item_id", "rank"]]
+
+    pd.testing.assert_frame_equal(part(both, False), part(only_main, False))
+    pd.testing.assert_frame_equal(part(both, True), part(only_cold, True))
+    assert not part(only_main, True).equals(part(only_cold, True))  # the two orders differ
+
+
+def test_fuse_trains_a_cold_ranker_when_cold_users_are_simulated(tmp_path):
+    split = blocks_split(tmp_path, cold_user_fraction=0.3, cold_user_max=2)
+    fit, full = fit_models(split, "fit"), fit_models(split, None)
+    p = {**FAST, "cold_user_simulation": 0.3, "refit_sources": True, "model_cold_users": True,
+         "cold_ranker_min_users": 3}
+    out = F.fuse(split, fit, full, None, None, p)
+    info = out["summary"]["cold_ranker"]
+    assert info["used"] and out["cold_ranker"] is not None and info["n_groups"] >= 3
+    assert out["summary"]["test"]["users_ranked_by_cold_ranker"] == len(split.slices["cold_users"])
+    off = F.fuse(split, fit, full, None, None, {**p, "cold_ranker": False})
+    assert off["cold_ranker"] is None and not off["summary"]["cold_ranker"]["used"]
+    assert off["summary"]["test"]["users_ranked_by_cold_ranker"] == 0

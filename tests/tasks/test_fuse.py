@@ -358,3 +358,41 @@ def test_a_reused_ranker_never_loads_the_fit_models(workdir):
     (workdir / "fuse" / "user_state.parquet").unlink()
     prev, why = fuse.load_previous(workdir / "fuse")
     assert prev is None and "user_state.parquet missing" in why
+
+
+def test_cold_ranker_is_saved_and_reused_by_a_warm_rerun(workdir):
+    s = workdir / "split"
+    res = split_stage.split(pd.read_csv(workdir / "ds" / "ratings.csv", dtype={"user_id": str, "item_id": str}),
+                            pd.read_parquet(s / "items.parquet"),
+                            {"ratio": 0.7, "seed": 0, "val_ratio": 0.3, "cold_user_fraction": 0.3,
+                             "cold_user_max": 2})
+    res["train"].to_parquet(s / "train.parquet")
+    res["test"].to_parquet(s / "test.parquet")
+    (s / "slices.json").write_text(json.dumps(res["slices"]))
+    assert fit_cf.main(["--split", str(s), "--out", str(workdir / "cf"), "--params",
+                        str(workdir / "params.yaml")]) == 0
+    _set_fuse(workdir, warm_start=True, cold_user_simulation=0.3, refit_sources=True,
+              model_cold_users=True, cold_ranker_min_users=3)
+    assert run_fuse(workdir) == 0
+    out = workdir / "fuse"
+    s0 = json.loads((out / "summary.json").read_text())
+    assert s0["cold_ranker"]["used"] and s0["cold_ranker"]["model_file"] == "cold_model.txt"
+    assert fusion.Ranker.load(out, prefix="cold_").features == fusion.Ranker.load(out).features
+    recs0 = (out / "recommendations.parquet").read_bytes()
+    # nothing changed: both rankers are reused and the output is byte-identical
+    assert run_fuse(workdir) == 0
+    s1 = json.loads((out / "summary.json").read_text())
+    assert s1["warm_start"]["used"] and s1["cold_ranker"]["used"]
+    assert s1["test"]["users_ranked_by_cold_ranker"] == 0  # every list kept: nobody rescored
+    assert (out / "recommendations.parquet").read_bytes() == recs0
+    _set_fuse(workdir, rescore="all")
+    assert run_fuse(workdir) == 0
+    s2 = json.loads((out / "summary.json").read_text())
+    assert s2["warm_start"]["used"]
+    assert s2["test"]["users_ranked_by_cold_ranker"] == len(res["slices"]["cold_users"]) > 0
+    # a previous output whose cold ranker is missing is not reused (the ranker is retrained)
+    (out / "cold_model.txt").unlink()
+    assert run_fuse(workdir) == 0
+    s3 = json.loads((out / "summary.json").read_text())
+    assert not s3["warm_start"]["used"] and "cold_model.txt" in s3["warm_start"]["reason"]
+    assert (out / "cold_model.txt").is_file()
