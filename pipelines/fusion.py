@@ -157,6 +157,7 @@ DEFAULTS: dict = {
     # cold_ranker_min_users such groups with a positive label, else one ranker ranks everyone
     "cold_ranker": True,
     "cold_ranker_min_users": 50,
+    "cold_ranker_params": {},  # fuse keys overridden for the cold ranker (e.g. num_leaves)
     # incremental retraining (see reuse_decision): reuse the previous run's ranker when the
     # training data grew by at most warm_max_growth (relative) and every other fuse param and
     # every source model's configuration is the same; after warm_max_reuses reuses in a row the
@@ -1519,7 +1520,7 @@ def train_cold_ranker(ts: dict, names: list[str], sources: list[str],
                       "reason": f"{n_groups} cold training users with a positive label, fewer "
                                 f"than cold_ranker_min_users={need}: one ranker ranks everyone"}
     sub = {**ts, **{k: ts[k][cold] for k in ("users", "items", "X", "y", "cold")}}
-    ranker, diag = train_ranker(sub, names, sources, p)
+    ranker, diag = train_ranker(sub, names, sources, {**p, **(p.get("cold_ranker_params") or {})})
     return ranker, {"used": True, **diag, **ranker.info}
 
 # =========================================================================== test time

@@ -62,6 +62,8 @@ def load_behaviour(encoder_dir: str | Path | None) -> tuple[np.ndarray, np.ndarr
     vecs = getattr(model, "user_vecs_", None)
     if vecs is None:
         raise ValueError(f"{model_dir}: model '{model.name}' has no user vectors")
+    if hasattr(model, "behaviour_vectors"):  # the encoder: its first member (of an ensemble)
+        return np.asarray(model.user_ids, dtype=object), model.behaviour_vectors()
     return np.asarray(model.user_ids, dtype=object), np.asarray(vecs[:, :-1], np.float32)
 
 

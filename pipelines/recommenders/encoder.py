@@ -53,7 +53,10 @@ is what gets evaluated and exported, early stopping on Recall@``eval_k`` over
 the ``val`` fold (the model sees only ``fit`` rows; at the end the user
 vectors are computed from the whole training history).  With ``refit`` (default)
 a second, fresh model is then trained on every training row (fit + val) for the
-epoch count that validated best (:func:`refit_epochs`), and that one is exported.
+epoch count that validated best (:func:`refit_epochs`), and that one is exported;
+with ``ensemble`` (default) the phase-1 model joins it: the exported vectors are
+``[u2, 1, u1, 1]`` and ``[v2, b2, v1, b1]``, so a score is the sum of both models'
+scores (both user vectors from the whole training history; no extra training).
 Attribute crosses shared by fewer than ``attr_cross_min_users`` users are not
 embedded (``cross_keep`` buffer): rare combinations act as user ids.  On ML-100K the
 moving average was worth about +0.03 NDCG@10: single-epoch weights are noisy.  Seeded per epoch (numpy and torch), CPU
@@ -144,6 +147,10 @@ DEFAULTS: dict[str, Any] = {
     "deterministic": True, "max_train_seconds": 0,
     # after early stopping on the val fold, retrain on every training row for the best epoch count
     "refit": True, "refit_tolerance": 0.01,  # relative: see refit_epochs()
+    # with refit: export the sum of both phases' scores (a two-model ensemble at no extra
+    # training cost; ML-100K stratified NDCG@10 0.4445 -> 0.4474, coldstart cold users
+    # 0.5465 -> 0.5617)
+    "ensemble": True,
     # incremental retraining: start from the previous model (tasks.train_encoder reads it)
     "warm_start": False, "warm_epochs": 3,
     "warm_samples_per_epoch": 10000,  # warm epochs: users whose history changed first, then others (0 = all)
@@ -747,6 +754,7 @@ class EncoderRecommender(Recommender):
         self.user_vecs_: np.ndarray | None = None
         self.prior_vec_: np.ndarray | None = None
         self.weights_: dict[str, np.ndarray] = {}
+        self.member_weights_: list[dict[str, np.ndarray]] = []  # further ensemble members
         self.train_info_: dict = {}
         self._warm: "EncoderRecommender | None" = None
         self.fit_model_: "EncoderRecommender | None" = None  # see _fit_variant
@@ -836,6 +844,7 @@ class EncoderRecommender(Recommender):
         phase 1 from its finished checkpoint (export only) and this phase where it stopped.
         """
         info1 = dict(self.train_info_)
+        phase1 = (self.user_vecs_, self.item_vecs_, self.prior_vec_, self.weights_)
         budget = float(self.params["max_train_seconds"])
         left = budget - float(info1["train_seconds"]) if budget > 0 else 0.0
         if budget > 0 and left < 0.1 * budget:  # the time box is spent: export phase 1
@@ -856,11 +865,19 @@ class EncoderRecommender(Recommender):
         sub.fit(Interactions(data.df.drop(columns="fold"), data.user_ids, data.item_ids))
         self.user_vecs_, self.item_vecs_, self.prior_vec_ = sub.user_vecs_, sub.item_vecs_, sub.prior_vec_
         self.weights_ = sub.weights_
+        self.member_weights_ = []
         self.params["_arch"] = sub.params["_arch"]
+        if self.params["ensemble"]:  # score = refit model's + phase-1 model's (both full-history)
+            U1, V1, P1, W1 = phase1
+            self.user_vecs_ = np.hstack([self.user_vecs_, U1]).astype(np.float32)
+            self.item_vecs_ = np.hstack([self.item_vecs_, V1]).astype(np.float32)
+            self.prior_vec_ = np.r_[self.prior_vec_, P1].astype(np.float32)
+            self.member_weights_ = [W1]
         info2 = sub.train_info_
         self.train_info_ = {**info1, "refit": {
             "epochs": epochs, "train_seconds": info2["train_seconds"],
-            "resumed_from_epoch": info2["resumed_from_epoch"], "warm_start": info2["warm_start"]}}
+            "resumed_from_epoch": info2["resumed_from_epoch"], "warm_start": info2["warm_start"],
+            "ensemble": bool(self.params["ensemble"])}}
 
     def _train(self, data: Interactions) -> None:
         torch = _torch()
@@ -1134,6 +1151,8 @@ class EncoderRecommender(Recommender):
 
     def _state(self) -> dict[str, np.ndarray]:
         out = {f"w.{k}": v for k, v in self.weights_.items()}
+        for j, w in enumerate(self.member_weights_, start=1):
+            out.update({f"m{j}.{k}": v for k, v in w.items()})
         out.update(item_vecs=self.item_vecs_, user_vecs=self.user_vecs_, prior_vec=self.prior_vec_)
         return out
 
@@ -1147,13 +1166,33 @@ class EncoderRecommender(Recommender):
         weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")}
         if not weights:
             raise ValueError("no module weights ('w.*' arrays)")
+        members, j = [], 1
+        while any(k.startswith(f"m{j}.") for k in arrays):
+            members.append({k[len(f"m{j}."):]: v for k, v in arrays.items() if k.startswith(f"m{j}.")})
+            j += 1
+        if d != self._member_dim() * (1 + len(members)):
+            raise ValueError(f"arrays: vectors of size {d} do not fit {1 + len(members)} member(s) "
+                             f"of size {self._member_dim()}")
         self.item_vecs_, self.user_vecs_, self.prior_vec_, self.weights_ = iv, uv, pv, weights
+        self.member_weights_ = members
 
-    def torch_module(self):
-        """Rebuild the trained torch module from the saved weights (CPU, eval mode)."""
+    def _member_dim(self) -> int:
+        """Size of one ensemble member's vectors: ``d_item`` (or ``d_model``) + the bias / 1."""
+        a = self.params["_arch"]
+        return int(a.get("d_item") or a["d_model"]) + 1
+
+    def behaviour_vectors(self) -> np.ndarray:
+        """Each user's vector from the exported (first) member, without the constant column:
+        the behaviour embedding of the user's profile."""
+        return np.asarray(self.user_vecs_[:, :self._member_dim() - 1], np.float32)
+
+    def torch_module(self, member: int = 0):
+        """Rebuild a trained torch module from the saved weights (CPU, eval mode); ``member``
+        1.. picks a further ensemble member (the phase-1 model of a refit run)."""
         torch = _torch()
         model = build_module(self.params["_arch"])
-        state = {k: torch.as_tensor(v) for k, v in self.weights_.items()}
+        weights = self.weights_ if member == 0 else self.member_weights_[member - 1]
+        state = {k: torch.as_tensor(v) for k, v in weights.items()}
         if model.cross_emb is not None and "cross_keep" not in state:  # saved before cross_keep
             state["cross_keep"] = torch.ones_like(model.cross_keep)
         model.load_state_dict(state)
@@ -1167,7 +1206,6 @@ class EncoderRecommender(Recommender):
         """
         torch = _torch()
         arch = self.params["_arch"]
-        model = self.torch_module()
         item_index = pd.Index(self.item_ids)
         rows = []
         for h in histories:
@@ -1180,8 +1218,10 @@ class EncoderRecommender(Recommender):
         hist = _Histories(items, np.zeros(len(items), np.int64), ones * (N_RATING_BUCKETS - 1), offsets)
         ids = user_ids if user_ids is not None else [f"__new{i}" for i in range(n)]
         codes = attribute_codes(users, ids, arch["attr_spec"])
-        return self._user_vectors(model, hist, codes, cross_codes(codes, arch["attr_hash_buckets"]),
-                                  torch.device("cpu"), None)
+        cross = cross_codes(codes, arch["attr_hash_buckets"])
+        return np.hstack([self._user_vectors(self.torch_module(j), hist, codes, cross,
+                                             torch.device("cpu"), None)
+                          for j in range(1 + len(self.member_weights_))])
 
 
 # ---------------------------------------------------------------------------- warm start

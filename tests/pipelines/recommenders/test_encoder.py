@@ -109,11 +109,14 @@ def test_training_lowers_loss_and_recommends_the_right_block():
     assert hist[-1]["loss"] < hist[0]["loss"] - 0.1
     assert block_share(m, [f"u{u}" for u in range(0, N_USERS, 2)], range(HALF)) > 0.9
     assert block_share(m, [f"u{u}" for u in range(1, N_USERS, 2)], range(HALF, N_ITEMS)) > 0.9
-    # early stopping metric is recorded and the vectors are shaped [u, 1] . [v, b]
+    # early stopping metric is recorded and the vectors are shaped [u, 1] . [v, b] per member
+    # (refit + ensemble: the refit model's, then the phase-1 model's)
     assert "recall@20" in hist[0]
-    assert m.user_vecs_.shape == (N_USERS + 2, TINY["d_model"] + 1)
-    assert np.all(m.user_vecs_[:, -1] == 1.0)
-    assert m.item_vecs_.shape == (N_ITEMS, TINY["d_model"] + 1)
+    d = TINY["d_model"] + 1
+    assert len(m.member_weights_) == 1
+    assert m.user_vecs_.shape == (N_USERS + 2, 2 * d)
+    assert np.all(m.user_vecs_[:, d - 1] == 1.0) and np.all(m.user_vecs_[:, -1] == 1.0)
+    assert m.item_vecs_.shape == (N_ITEMS, 2 * d)
 
 
 def test_cold_users_get_their_segment_from_attributes():
@@ -141,7 +144,7 @@ def test_cold_items_scored_from_content():
 def test_variants_untied_wide_items_and_no_ema():
     data, users, feat = blocks()
     m = fit(data, users, feat, epochs=8, tie=False, d_item=24, head_mlp=True, ema=0.0, bag=False)
-    assert m.item_vecs_.shape == (N_ITEMS, 25) and m.user_vecs_.shape[1] == 25
+    assert m.item_vecs_.shape == (N_ITEMS, 2 * 25) and m.user_vecs_.shape[1] == 2 * 25
     assert block_share(m, [f"u{u}" for u in range(0, N_USERS, 2)], range(HALF)) > 0.8
 
 
@@ -176,9 +179,29 @@ def test_save_load_round_trip_without_pickle(tmp_path):
     # the torch module rebuilt from the saved arrays encodes new histories consistently
     vec = loaded.encode_users([["i0", "i1", "i2", "i3"], ["i12", "i13", "i14", "i15"]], users,
                               user_ids=["newF", "newM"])
-    assert vec.shape == (2, TINY["d_model"] + 1) and np.all(vec[:, -1] == 1)
+    d = TINY["d_model"] + 1
+    assert vec.shape == (2, 2 * d) and np.all(vec[:, -1] == 1) and np.all(vec[:, d - 1] == 1)
+    assert len(loaded.member_weights_) == 1
     s = vec @ loaded.item_vecs_.T
     assert s[0, :HALF].mean() > s[0, HALF:].mean() and s[1, HALF:].mean() > s[1, :HALF].mean()
+
+
+def test_ensemble_sums_the_refit_and_phase_one_models():
+    data, users, feat = blocks()
+    ens = fit(data, users, feat, epochs=3)
+    single = fit(data, users, feat, epochs=3, ensemble=False)
+    phase1 = fit(data, users, feat, epochs=3, refit=False)
+    d = TINY["d_model"] + 1
+    assert single.member_weights_ == [] and single.user_vecs_.shape[1] == d
+    # [refit member | phase-1 member]: the score is the sum of both models' scores
+    np.testing.assert_allclose(ens.user_vecs_, np.hstack([single.user_vecs_, phase1.user_vecs_]))
+    np.testing.assert_allclose(ens.item_vecs_, np.hstack([single.item_vecs_, phase1.item_vecs_]))
+    uidx = np.arange(N_USERS)
+    np.testing.assert_allclose(ens.score_users(uidx),
+                               single.score_users(uidx) + phase1.score_users(uidx), rtol=1e-4,
+                               atol=1e-4)
+    np.testing.assert_array_equal(ens.behaviour_vectors(), single.user_vecs_[:, :-1])
+    assert ens.train_info_["refit"]["ensemble"] is True
 
 
 def test_without_side_info_or_val_fold():
