@@ -88,6 +88,7 @@ the outputs.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -1180,6 +1181,17 @@ class EncoderRecommender(Recommender):
         """Size of one ensemble member's vectors: ``d_item`` (or ``d_model``) + the bias / 1."""
         a = self.params["_arch"]
         return int(a.get("d_item") or a["d_model"]) + 1
+
+    def first_member(self) -> "EncoderRecommender":
+        """This model with only its first ensemble member (the exported, refit model); itself
+        when it has no other member."""
+        if not self.member_weights_:
+            return self
+        m = copy.copy(self)
+        d = self._member_dim()
+        m.user_vecs_, m.item_vecs_ = self.user_vecs_[:, :d], self.item_vecs_[:, :d]
+        m.prior_vec_, m.member_weights_ = self.prior_vec_[:d], []
+        return m
 
     def behaviour_vectors(self) -> np.ndarray:
         """Each user's vector from the exported (first) member, without the constant column:

@@ -110,6 +110,16 @@ def test_cli_writes_model_metrics_and_curves(tmp_path):
     fusion.check_no_leak({"encoder": fit_model}, train[train.fold == "val"])
     with pytest.raises(ValueError, match="leakage"):  # the exported model did learn from them
         fusion.check_no_leak({"encoder": model}, train[train.fold == "val"])
+    # the fuse pairs the fit variant with the exported ensemble's first (refit) member only
+    from tasks import fuse as fuse_stage
+
+    assert len(model.member_weights_) == 1  # refit + phase 1
+    cf = tmp_path / "cf"
+    (cf / "fit").mkdir(parents=True)
+    _fit, full = fuse_stage.load_sources(cf, out)
+    d = model.item_vecs_.shape[1] // 2
+    assert full["encoder"].item_vecs_.shape[1] == d == fit_model.item_vecs_.shape[1]
+    np.testing.assert_array_equal(full["encoder"].item_vecs_, model.item_vecs_[:, :d])
     # dvclive curves: one row per epoch for loss and val recall
     curves = list((out / "dvclive").rglob("*.tsv"))
     names = {p.name for p in curves}

@@ -201,6 +201,10 @@ def test_ensemble_sums_the_refit_and_phase_one_models():
                                single.score_users(uidx) + phase1.score_users(uidx), rtol=1e-4,
                                atol=1e-4)
     np.testing.assert_array_equal(ens.behaviour_vectors(), single.user_vecs_[:, :-1])
+    first = ens.first_member()  # what the fuse pairs with the fit variant
+    np.testing.assert_allclose(first.score_users(uidx), single.score_users(uidx), rtol=1e-5)
+    assert first.member_weights_ == [] and len(ens.member_weights_) == 1  # ens left whole
+    assert single.first_member() is single
     assert ens.train_info_["refit"]["ensemble"] is True
 
 
