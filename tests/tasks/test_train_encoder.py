@@ -113,11 +113,13 @@ def test_cli_writes_model_metrics_and_curves(tmp_path):
     # the fuse pairs the fit variant with the exported ensemble's first (refit) member only
     from tasks import fuse as fuse_stage
 
-    assert len(model.member_weights_) == 1  # refit + phase 1
+    # refit + phase 1, then the cold member's two (the fixture has a user without history)
+    assert len(model.member_weights_) == 3 and model.params["_cold_members"] == 2
+    assert metrics["cold_member"]["members"] == 2
     cf = tmp_path / "cf"
     (cf / "fit").mkdir(parents=True)
     _fit, full = fuse_stage.load_sources(cf, out)
-    d = model.item_vecs_.shape[1] // 2
+    d = model._member_dim()
     assert full["encoder"].item_vecs_.shape[1] == d == fit_model.item_vecs_.shape[1]
     np.testing.assert_array_equal(full["encoder"].item_vecs_, model.item_vecs_[:, :d])
     # dvclive curves: one row per epoch for loss and val recall

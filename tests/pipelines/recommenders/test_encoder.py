@@ -18,7 +18,8 @@ from pipelines.recommenders.encoder import (  # noqa: E402
 
 N_USERS, N_ITEMS, HALF = 48, 24, 12
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "max_len": 16, "batch_size": 16, "epochs": 12,
-        "patience": 0, "dropout": 0.1, "lr": 5e-3, "threads": 1, "samples_per_user": 1}
+        "patience": 0, "dropout": 0.1, "lr": 5e-3, "threads": 1, "samples_per_user": 1,
+        "cold_member": False}  # the cold-user member has its own tests
 
 
 def blocks(seed: int = 0, per_user: int = 8, cold_items=(), n_users: int = N_USERS):
@@ -206,6 +207,76 @@ def test_ensemble_sums_the_refit_and_phase_one_models():
     assert first.member_weights_ == [] and len(ens.member_weights_) == 1  # ens left whole
     assert single.first_member() is single
     assert ens.train_info_["refit"]["ensemble"] is True
+
+
+def _with_short_users(n_short=8, keep=2):
+    """blocks() with users u0..u{n_short-1} cut to their first ``keep`` rows (fit fold)."""
+    data, users, feat = blocks()
+    df = data.df
+    short = df.user_id.isin([f"u{u}" for u in range(n_short)])
+    cut = df[short].groupby("user_id").head(keep)
+    df = pd.concat([df[~short], cut]).sort_index()
+    return Interactions.build(df, data.user_ids, data.item_ids), users, feat
+
+
+def test_cold_member_scores_short_histories_and_the_main_members_the_others(tmp_path):
+    data, users, feat = _with_short_users()
+    m = fit(data, users, feat, epochs=6, cold_member=True)
+    info = m.train_info_["cold_member"]
+    d = TINY["d_model"] + 1
+    assert info["members"] == 2 and info["users"] == 8 + 2  # u0..u7 + the two without history
+    assert m.user_vecs_.shape[1] == 4 * d and len(m.member_weights_) == 3
+    cut = 2 * d
+    uidx = m.user_index(["u0", "u9", "newF"])
+    sc = m.score_users(uidx)
+    U, V = m.user_vecs_[uidx], m.item_vecs_
+    np.testing.assert_allclose(sc[0], U[0, cut:] @ V[:, cut:].T, rtol=1e-5, atol=1e-5)  # short
+    np.testing.assert_allclose(sc[1], U[1, :cut] @ V[:, :cut].T, rtol=1e-5, atol=1e-5)  # warm
+    np.testing.assert_allclose(sc[2], U[2, cut:] @ V[:, cut:].T, rtol=1e-5, atol=1e-5)
+    unknown = m.score_users(np.array([-1]))[0]  # an unknown user gets the cold prior
+    np.testing.assert_allclose(unknown, m.prior_vec_[cut:] @ V[:, cut:].T, rtol=1e-5, atol=1e-5)
+    # short users still get their block (u0, u2, ... like the first half)
+    assert block_share(m, [f"u{u}" for u in range(0, 8, 2)], range(HALF)) > 0.7
+    # the saved model routes the same way; new short histories are encoded by the cold member
+    m.save(tmp_path / "enc")
+    loaded = Recommender.load(tmp_path / "enc")
+    np.testing.assert_array_equal(loaded.score_users(uidx), sc)
+    vec = loaded.encode_users([["i0", "i1"], [f"i{i}" for i in range(8)]], users,
+                              user_ids=["newF", "newF"])
+    assert np.all(vec[0, :cut] == 0) and np.any(vec[0, cut:] != 0)
+    assert np.all(vec[1, cut:] == 0) and np.any(vec[1, :cut] != 0)
+    # what the fuse and the profiles use: the first (refit) main member only, every user
+    first = m.first_member()
+    assert first.user_vecs_.shape[1] == d and np.any(first.user_vecs_[uidx[0]] != 0)
+    np.testing.assert_array_equal(m.behaviour_vectors(), m.user_vecs_[:, :d - 1])
+
+
+def test_cold_member_warm_starts_from_the_previous_models_cold_member():
+    data, users, feat = _with_short_users()
+    prev = fit(data, users, feat, epochs=4, cold_member=True)
+    view = prev.cold_view()
+    d = TINY["d_model"] + 1
+    assert view.params["_arch"] == prev.params["_cold_arch"] and "_cold_members" not in view.params
+    np.testing.assert_array_equal(view.item_vecs_, prev.item_vecs_[:, 2 * d:])
+    assert view.weights_ is prev.member_weights_[1]  # the cold member's refit model
+    warm = EncoderRecommender(**{**TINY, "cold_member": True, "warm_start": True, "warm_epochs": 1})
+    warm.set_side_info({"text": (feat, np.ones(N_ITEMS, bool))}, users).set_warm_start(prev)
+    warm.fit(data)
+    assert warm.train_info_["warm_start"]["used"]
+    assert warm.params["_cold_members"] == 2 and warm.train_info_["cold_member"]["members"] == 2
+    assert warm.train_info_["cold_member"]["warm_start"]["used"]
+    assert fit(data, users, feat, epochs=1).cold_view() is None  # no cold member, no view
+
+
+def test_cold_member_is_skipped_without_short_users_or_time():
+    data, users, feat = _with_short_users()
+    m = fit(data, users, feat, epochs=2, cold_member=True, cold_member_max_seconds=0)
+    assert "no time left" in m.train_info_["cold_member"]["skipped"]
+    assert "_cold_members" not in m.params and m.user_vecs_.shape[1] == 2 * (TINY["d_model"] + 1)
+    full, _, _ = blocks()  # every user has 8 rows, none is without history
+    full = Interactions.build(full.df, [f"u{u}" for u in range(N_USERS)], full.item_ids)
+    m = fit(full, users, feat, epochs=2, cold_member=True)
+    assert "no user has at most" in m.train_info_["cold_member"]["skipped"]
 
 
 def test_without_side_info_or_val_fold():
