@@ -906,10 +906,15 @@ class EncoderRecommender(Recommender):
         cap = float(self.params["cold_member_max_seconds"])
         left = min(budget - spent, cap) if budget > 0 else cap
         why = None
+        prev = self._warm.cold_view() if self._warm is not None else None
         if not (n <= cmax).any():
             why = f"no user has at most cold_user_max={cmax} training rows"
         elif left < 0.05 * max(cap, 1.0):
             why = "no time left (max_train_seconds / cold_member_max_seconds)"
+        elif prev is None and (info.get("warm_start") or {}).get("used"):
+            # an incremental run stays incremental: no from-scratch member when the previous
+            # (full) run had none (e.g. it spent its time box on the main model)
+            why = "warm-started run and the previous model has no cold member"
         if why:
             self.train_info_ = {**info, "cold_member": {"skipped": why}}
             log.info("cold member skipped: %s", why)
@@ -922,7 +927,7 @@ class EncoderRecommender(Recommender):
         sub = EncoderRecommender(**pc).set_side_info(self._features, self._users)
         sub.set_run(self._workdir / "cold" if self._workdir is not None else None)
         # incremental retraining: the previous model's cold member warm-starts this one
-        sub.set_warm_start(self._warm.cold_view() if self._warm is not None else None)
+        sub.set_warm_start(prev)
         sub.fit(data)
         dm = self._member_dim()
         if sub._member_dim() != dm:

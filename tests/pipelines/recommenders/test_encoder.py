@@ -265,7 +265,14 @@ def test_cold_member_warm_starts_from_the_previous_models_cold_member():
     assert warm.train_info_["warm_start"]["used"]
     assert warm.params["_cold_members"] == 2 and warm.train_info_["cold_member"]["members"] == 2
     assert warm.train_info_["cold_member"]["warm_start"]["used"]
-    assert fit(data, users, feat, epochs=1).cold_view() is None  # no cold member, no view
+    plain = fit(data, users, feat, epochs=1)
+    assert plain.cold_view() is None  # no cold member, no view
+    # an incremental run after a run without a cold member stays without one
+    warm = EncoderRecommender(**{**TINY, "cold_member": True, "warm_start": True, "warm_epochs": 1})
+    warm.set_side_info({"text": (feat, np.ones(N_ITEMS, bool))}, users).set_warm_start(plain)
+    warm.fit(data)
+    assert warm.train_info_["warm_start"]["used"] and "_cold_members" not in warm.params
+    assert "previous model has no cold member" in warm.train_info_["cold_member"]["skipped"]
 
 
 def test_cold_member_is_skipped_without_short_users_or_time():
