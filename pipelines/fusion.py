@@ -1160,8 +1160,12 @@ class Ranker:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]["gain"]))
 
     # ---- persistence --------------------------------------------------------
+    @staticmethod
+    def file_name(kind: str, prefix: str = "") -> str:
+        return prefix + ("model.txt" if kind == "lightgbm" else "model.json")
+
     def model_file(self, prefix: str = "") -> str:
-        return prefix + ("model.txt" if self.kind == "lightgbm" else "model.json")
+        return self.file_name(self.kind, prefix)
 
     def save(self, out: Path, prefix: str = "") -> None:
         """``model.txt`` (LightGBM text) or ``model.json`` (sklearn trees) + ``features.json``
@@ -1181,13 +1185,13 @@ class Ranker:
         kind = meta.pop("kind")
         features = meta.pop("features")
         if kind == "lightgbm":
-            booster = _lightgbm().Booster(model_file=str(path / f"{prefix}model.txt"))
+            booster = _lightgbm().Booster(model_file=str(path / cls.file_name(kind, prefix)))
             if list(booster.feature_name()) != list(features):
                 raise ValueError(f"{path}: {prefix}model.txt features differ from "
                                  f"{prefix}features.json")
             return cls(kind, features, booster=booster, info=meta)
         if kind == "sklearn":
-            trees = json.loads((path / f"{prefix}model.json").read_text(encoding="utf-8"))
+            trees = json.loads((path / cls.file_name(kind, prefix)).read_text(encoding="utf-8"))
             return cls(kind, features, trees=trees, info=meta)
         raise ValueError(f"{path}: unknown ranker kind '{kind}'")
 
@@ -1498,7 +1502,6 @@ def train_ranker(ts: dict, names: list[str], sources: list[str], p: dict) -> tup
     return ranker, diag
 
 
-
 def train_cold_ranker(ts: dict, names: list[str], sources: list[str],
                       p: dict) -> tuple[Ranker | None, dict]:
     """A ranker of the cold groups only (users with at most ``cold_user_max`` context rows in
@@ -1522,6 +1525,7 @@ def train_cold_ranker(ts: dict, names: list[str], sources: list[str],
     sub = {**ts, **{k: ts[k][cold] for k in ("users", "items", "X", "y", "cold")}}
     ranker, diag = train_ranker(sub, names, sources, {**p, **(p.get("cold_ranker_params") or {})})
     return ranker, {"used": True, **diag, **ranker.info}
+
 
 # =========================================================================== test time
 

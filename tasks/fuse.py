@@ -13,8 +13,9 @@ Outputs (``--out``): ``recommendations.parquet`` (user_id, item_id, rank,
 score, reason, sources; every catalogue user), ``model.txt`` (LightGBM text
 model; ``model.json`` tree dump for the scikit-learn fallback) +
 ``features.json``, ``cold_model.txt`` + ``cold_features.json`` (the cold-user
-ranker, when one was trained: ``summary.json`` ``cold_ranker``), ``feature_importance.json``, ``user_state.parquet`` (a
-digest of each user's training rows), ``summary.json`` (timings, candidates
+ranker, when one was trained: ``summary.json`` ``cold_ranker``),
+``feature_importance.json``, ``user_state.parquet`` (a digest of each user's
+training rows), ``summary.json`` (timings, candidates
 per user, candidate recall on the validation fold, k, ``warm_start``).
 
 Incremental retraining (``warm_start: true``): when ``--out`` already holds an

@@ -1266,34 +1266,37 @@ class EncoderRecommender(Recommender):
         a = self.params["_arch"]
         return int(a.get("d_item") or a["d_model"]) + 1
 
+    def _n_main(self) -> int:
+        """Number of main members (the exported model, then the phase-1 model of a refit)."""
+        return 1 + len(self.member_weights_) - int(self.params.get("_cold_members", 0))
+
+    def _member_arch(self, j: int) -> dict:
+        return self.params["_arch"] if j < self._n_main() else self.params["_cold_arch"]
+
+    def _members_view(self, first: int, stop: int) -> "EncoderRecommender":
+        """A model of members ``first .. stop - 1`` alone (vectors and weights), no routing."""
+        d = self._member_dim()
+        weights = [self.weights_, *self.member_weights_][first:stop]
+        m = copy.copy(self)
+        m.user_vecs_, m.item_vecs_ = self.user_vecs_[:, first * d:stop * d], \
+            self.item_vecs_[:, first * d:stop * d]
+        m.prior_vec_ = self.prior_vec_[first * d:stop * d]
+        m.weights_, m.member_weights_ = weights[0], list(weights[1:])
+        m.params = {k: v for k, v in self.params.items() if k not in ("_cold_members", "_cold_arch")}
+        m.params["_arch"] = self._member_arch(first)
+        return m
+
     def cold_view(self) -> "EncoderRecommender | None":
         """The cold member(s) of this model as a model of their own (a warm start for the next
         run's cold member), or None without one."""
-        nc = int(self.params.get("_cold_members", 0))
-        if not nc:
+        if not self.params.get("_cold_members"):
             return None
-        m = copy.copy(self)
-        d = self._member_dim()
-        cut = self.item_vecs_.shape[1] - nc * d
-        m.user_vecs_, m.item_vecs_ = self.user_vecs_[:, cut:], self.item_vecs_[:, cut:]
-        m.prior_vec_ = self.prior_vec_[cut:]
-        cold = self.member_weights_[len(self.member_weights_) - nc:]
-        m.weights_, m.member_weights_ = cold[0], list(cold[1:])
-        m.params = {k: v for k, v in self.params.items() if k not in ("_cold_members", "_cold_arch")}
-        m.params["_arch"] = self.params["_cold_arch"]
-        return m
+        return self._members_view(self._n_main(), 1 + len(self.member_weights_))
 
     def first_member(self) -> "EncoderRecommender":
         """This model with only its first ensemble member (the exported, refit model); itself
         when it has no other member."""
-        if not self.member_weights_:
-            return self
-        m = copy.copy(self)
-        d = self._member_dim()
-        m.user_vecs_, m.item_vecs_ = self.user_vecs_[:, :d], self.item_vecs_[:, :d]
-        m.prior_vec_, m.member_weights_ = self.prior_vec_[:d], []
-        m.params = {k: v for k, v in self.params.items() if k not in ("_cold_members", "_cold_arch")}
-        return m
+        return self._members_view(0, 1) if self.member_weights_ else self
 
     def behaviour_vectors(self) -> np.ndarray:
         """Each user's vector from the exported (first) member, without the constant column:
@@ -1304,8 +1307,7 @@ class EncoderRecommender(Recommender):
         """Rebuild a trained torch module from the saved weights (CPU, eval mode); ``member``
         1.. picks a further ensemble member (the phase-1 model of a refit run)."""
         torch = _torch()
-        n_main = 1 + len(self.member_weights_) - int(self.params.get("_cold_members", 0))
-        model = build_module(self.params["_arch"] if member < n_main else self.params["_cold_arch"])
+        model = build_module(self._member_arch(member))
         weights = self.weights_ if member == 0 else self.member_weights_[member - 1]
         state = {k: torch.as_tensor(v) for k, v in weights.items()}
         if model.cross_emb is not None and "cross_keep" not in state:  # saved before cross_keep
@@ -1320,7 +1322,6 @@ class EncoderRecommender(Recommender):
         ``users``/``user_ids`` give their attributes (unknown when omitted).
         """
         torch = _torch()
-        arch = self.params["_arch"]
         item_index = pd.Index(self.item_ids)
         rows = []
         for h in histories:
@@ -1332,10 +1333,9 @@ class EncoderRecommender(Recommender):
         ones = np.ones(len(items), np.int64)
         hist = _Histories(items, np.zeros(len(items), np.int64), ones * (N_RATING_BUCKETS - 1), offsets)
         ids = user_ids if user_ids is not None else [f"__new{i}" for i in range(n)]
-        n_main = 1 + len(self.member_weights_) - int(self.params.get("_cold_members", 0))
         parts = []
         for j in range(1 + len(self.member_weights_)):
-            a = arch if j < n_main else self.params["_cold_arch"]
+            a = self._member_arch(j)
             codes = attribute_codes(users, ids, a["attr_spec"])
             parts.append(self._user_vectors(self.torch_module(j), hist, codes,
                                             cross_codes(codes, a["attr_hash_buckets"]),
