@@ -113,9 +113,17 @@ class FaultProxy:
                 data = upstream.recv(65536)
                 if not data:
                     break
-                if state["swallow"] and not data.startswith(b"HTTP/1.1 100"):
-                    self.down()  # the response of the armed request: lost with the server
-                    return
+                if state["swallow"]:
+                    if not data.startswith(b"HTTP/1.1 100"):
+                        self.down()  # the response of the armed request: lost with the server
+                        return
+                    # "100 Continue" passes, but the final response may come in the same read
+                    # (a client that sent its body without waiting for the 100): it is lost
+                    end = data.find(b"\r\n\r\n")
+                    if 0 <= end < len(data) - 4:
+                        client.sendall(data[:end + 4])
+                        self.down()
+                        return
                 client.sendall(data)
         except OSError:
             pass
