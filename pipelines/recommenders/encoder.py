@@ -900,8 +900,7 @@ class EncoderRecommender(Recommender):
         cmax = int(self.params["cold_user_max"])
         n = np.diff(self._seen.indptr)
         info = self.train_info_
-        spent = float(info.get("train_seconds", 0.0)) + float(info.get("refit", {}).get(
-            "train_seconds", 0.0))
+        spent = _seconds_trained(info)
         budget = float(self.params["max_train_seconds"])
         cap = float(self.params["cold_member_max_seconds"])
         left = min(budget - spent, cap) if budget > 0 else cap
@@ -942,8 +941,7 @@ class EncoderRecommender(Recommender):
         si = sub.train_info_
         self.train_info_ = {**info, "cold_member": {
             "members": self.params["_cold_members"], "users": int((n <= cmax).sum()),
-            "train_seconds": float(si["train_seconds"]) + float(si.get("refit", {}).get(
-                "train_seconds", 0.0)), "best_epoch": si.get("best_epoch"),
+            "train_seconds": _seconds_trained(si), "best_epoch": si.get("best_epoch"),
             "warm_start": si.get("warm_start"),
             "params": dict(self.params["cold_member_params"] or {})}}
 
@@ -1479,6 +1477,12 @@ def _val_metrics(U: np.ndarray, V: np.ndarray, b: np.ndarray, hist_fit: _Histori
     idcg = np.cumsum(disc)[np.minimum(n_true, k) - 1]
     return {f"recall@{k}": float(np.mean(hits.sum(1) / n_true)),
             f"ndcg@{k}": float(np.mean((hits * disc).sum(1) / idcg))}
+
+
+def _seconds_trained(info: dict) -> float:
+    """Training seconds of both phases (first + refit) recorded in a ``train_info_``."""
+    return float(info.get("train_seconds", 0.0)) + float(info.get("refit", {}).get(
+        "train_seconds", 0.0))
 
 
 def refit_epochs(history: list[dict], key: str, tolerance: float, best_epoch: int) -> int:
