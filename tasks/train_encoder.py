@@ -104,15 +104,18 @@ def previous_model(path: str | os.PathLike, params: dict | None) -> EncoderRecom
 
 
 def train(split: Split, features: dict, params: dict, workdir: str | os.PathLike | None = None,
-          live=None, previous: EncoderRecommender | None = None) -> tuple[EncoderRecommender, dict]:
+          live=None, previous: EncoderRecommender | None = None,
+          previous_fit: EncoderRecommender | None | str = "same") -> tuple[EncoderRecommender, dict]:
     """Fit the encoder on ``split`` (train rows with their fold). Returns (model, metrics).
 
-    ``previous``: an earlier fitted encoder to warm-start from (used when compatible).
+    ``previous``: an earlier fitted encoder to warm-start from (used when compatible);
+    ``previous_fit``: its ``fit`` variant, which the first phase starts from (see
+    :meth:`EncoderRecommender.set_warm_start`).
     """
     p = check_params(params)
     data = split.interactions(None)
     model = EncoderRecommender(**p).set_side_info(features, split.users).set_run(workdir, live)
-    model.set_warm_start(previous)
+    model.set_warm_start(previous, previous_fit)
     model.fit(data)
     info = dict(model.train_info_)
     metrics = {k: v for k, v in info.items() if k != "history"}
@@ -162,7 +165,11 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         main_rank = int(os.environ.get("RANK", "0")) == 0
         previous = previous_model(out / "model", params)  # persist: the last run's output
-        model, metrics = train(split, features, params, workdir=out, previous=previous)
+        # the first phase (the fuse's fit variant) only from the last fit variant: the full
+        # model learned from the val rows too
+        previous_fit = previous_model(out / "model_fit", params) if previous is not None else None
+        model, metrics = train(split, features, params, workdir=out, previous=previous,
+                               previous_fit=previous_fit)
         if not main_rank:
             return 0
         model.save(out / "model")

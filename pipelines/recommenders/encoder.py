@@ -77,7 +77,10 @@ schedule over those) instead of ``epochs``, each of at most
 (new users, new interactions), then a replay of the others.  New users need nothing: user
 vectors are computed from histories and attributes.  An incompatible earlier
 model (other architecture, modalities or feature sizes) means a cold start;
-``train_info_['warm_start']`` records which happened and why.
+``train_info_['warm_start']`` records which happened and why.  The first
+phase (the ``fit`` variant, trained on the fit rows) starts from the previous
+``fit`` variant, never from the previous full model, which learned from the
+val rows that the fuse stage takes as honest labels.
 
 Multi-GPU: launch the train_encoder stage with ``torchrun --nproc_per_node N
 -m tasks.train_encoder ...``; when ``WORLD_SIZE > 1`` every rank trains on its
@@ -764,6 +767,7 @@ class EncoderRecommender(Recommender):
         self.member_weights_: list[dict[str, np.ndarray]] = []  # further ensemble members
         self.train_info_: dict = {}
         self._warm: "EncoderRecommender | None" = None
+        self._warm_fit: "EncoderRecommender | None | str" = "same"  # see set_warm_start
         self.fit_model_: "EncoderRecommender | None" = None  # see _fit_variant
         self._fit_user_vecs: np.ndarray | None = None
 
@@ -775,9 +779,18 @@ class EncoderRecommender(Recommender):
         self._users = users
         return self
 
-    def set_warm_start(self, previous: "EncoderRecommender | None") -> "EncoderRecommender":
-        """Initialise the next ``fit`` from ``previous`` (an earlier fitted encoder), if compatible."""
+    def set_warm_start(self, previous: "EncoderRecommender | None",
+                       fit_previous: "EncoderRecommender | None | str" = "same") -> "EncoderRecommender":
+        """Initialise the next ``fit`` from ``previous`` (an earlier fitted encoder), if compatible.
+
+        ``fit_previous``: what the first phase starts from when the data has a ``val`` fold
+        (default ``"same"``: ``previous``).  The first phase yields the ``fit`` variant, whose
+        scores on the val rows must be honest (the fuse stage learns from them): starting it
+        from a model that was trained on every training row, val rows included, would leak
+        them.  train_encoder passes the previous ``fit`` variant here (None: a cold first phase).
+        """
         self._warm = previous
+        self._warm_fit = fit_previous
         return self
 
     def set_run(self, workdir: str | os.PathLike | None = None, live=None) -> "EncoderRecommender":
@@ -831,6 +844,13 @@ class EncoderRecommender(Recommender):
         fit_df = data.df[data.df["fold"] != "val"]
         m = EncoderRecommender(**{k: v for k, v in self.params.items() if not k.startswith("_")})
         m.params["_arch"] = self.params["_arch"]
+        # the recipe of a model "trained the same way" on other rows (see context_clone)
+        info = self.train_info_
+        m.params["_recipe"] = {
+            "epochs": refit_epochs(info.get("history", []), f"recall@{int(self.params['eval_k'])}",
+                                   float(self.params["refit_tolerance"]), int(info["best_epoch"])),
+            "train_seconds": float(info["train_seconds"]),
+            "epochs_run": int(info["epochs_run"])}
         m.set_side_info(self._features, self._users)
         m.user_ids, m.item_ids = self.user_ids, self.item_ids
         m._seen = Interactions(fit_df.drop(columns="fold"), data.user_ids, data.item_ids).matrix()
@@ -839,6 +859,31 @@ class EncoderRecommender(Recommender):
         m.train_info_ = {k: v for k, v in self.train_info_.items() if k != "history"}
         self._fit_user_vecs = None  # handed over
         return m
+
+    def context_clone(self, features: dict | None, users: pd.DataFrame | None,
+                      max_seconds: float = 0.0) -> "EncoderRecommender":
+        """An unfitted encoder that trains on other rows the way this ``fit`` variant was
+        trained (same hyper-parameters, the validated epoch count, no validation fold, no
+        refit, ensemble or cold member), e.g. on a cross-fitting fold's context in the fuse
+        stage.  Needs the ``_recipe`` that :meth:`_fit_variant` records; ``max_seconds`` > 0
+        bounds its training time."""
+        recipe = self.params.get("_recipe")
+        if not recipe:
+            raise ValueError("encoder: this model has no training recipe (only the 'fit' variant "
+                             "written by train_encoder has one)")
+        p = {k: v for k, v in self.params.items() if not k.startswith("_")}
+        p.update(refit=False, ensemble=False, cold_member=False, warm_start=False, patience=0,
+                 epochs=int(recipe["epochs"]), max_train_seconds=0)
+        if max_seconds > 0:
+            p["_time_box"] = float(max_seconds)
+        return EncoderRecommender(**p).set_side_info(features, users)
+
+    def recipe_seconds(self) -> float | None:
+        """Estimated training seconds of a :meth:`context_clone` (None: no recipe)."""
+        r = self.params.get("_recipe")
+        if not r:
+            return None
+        return float(r["train_seconds"]) * int(r["epochs"]) / max(int(r["epochs_run"]), 1)
 
     def _refit(self, data: Interactions) -> None:
         """Phase 2: a fresh model on every training row (fit + val) for the best epoch count.
@@ -965,12 +1010,23 @@ class EncoderRecommender(Recommender):
         arch = self._arch(data)
         self.params["_arch"] = arch
         warm_info: dict = {"used": False, "reason": "no previous model"}
-        if self._warm is not None:
-            why = warm_incompatibility(self._warm, arch)
+        warm, compare = self._warm, data
+        if "fold" in data.df.columns and (data.df["fold"] == "val").any() \
+                and not isinstance(self._warm_fit, str):
+            # the first phase: never from a model that saw the val rows; what changed is
+            # then counted on the fit rows, the ones both that model and this phase learn from
+            warm = self._warm_fit
+            compare = Interactions(data.df[data.df["fold"] != "val"].drop(columns="fold"),
+                                   data.user_ids, data.item_ids)
+            if warm is None and self._warm is not None:
+                warm_info["reason"] = "no previous fit-rows model (the previous full model saw " \
+                                      "the val rows)"
+        if warm is not None:
+            why = warm_incompatibility(warm, arch)
             if why is None:
                 p["epochs"] = min(int(p["epochs"]), int(p["warm_epochs"]))
                 warm_info = {"used": True}
-                changed = changed_users(self._warm, data)
+                changed = changed_users(warm, compare)
             else:
                 warm_info = {"used": False, "reason": why}
                 log.info("warm start not possible (%s): training from scratch", why)
@@ -1008,7 +1064,7 @@ class EncoderRecommender(Recommender):
         model = build_module(arch)
         self._load_buffers(model, known)
         if warm_info["used"]:
-            warm_info.update(warm_load(model, self._warm, data.item_ids, arch),
+            warm_info.update(warm_load(model, warm, data.item_ids, arch),
                              changed_users=int(changed.sum()))
             log.info("warm start: %s", warm_info)
         if model.cross_emb is not None:  # after warm_load: from this run's users

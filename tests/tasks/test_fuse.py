@@ -396,3 +396,61 @@ def test_cold_ranker_is_saved_and_reused_by_a_warm_rerun(workdir):
     s3 = json.loads((out / "summary.json").read_text())
     assert not s3["warm_start"]["used"] and "cold_model.txt" in s3["warm_start"]["reason"]
     assert (out / "cold_model.txt").is_file()
+
+
+def test_the_encoder_is_trained_again_on_each_cross_fitting_fold(workdir):
+    """The encoder's fit variant learned from the rows an extra cross-fitting fold takes as
+    labels: the fuse trains a clone on the fold's context (the fit variant's recipe) instead of
+    leaving the encoder out of that fold, unless that is expected to take too long."""
+    from pipelines.recommenders import Recommender
+    from tasks import train_encoder
+    from tests.tasks.test_train_encoder import TINY
+
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["train_encoder"] = {**TINY, "epochs": 3, "patience": 2, "refit": True,
+                               "cold_member": False}
+    params["fuse"] = {**params["fuse"], "cv_folds": 2}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    assert train_encoder.main(["--split", str(workdir / "split"), "--text", str(workdir / "text"),
+                               "--out", str(workdir / "enc"), "--params",
+                               str(workdir / "params.yaml")]) == 0
+    fit_variant = Recommender.load(workdir / "enc" / "model_fit")
+    recipe = fit_variant.params["_recipe"]
+    assert 1 <= recipe["epochs"] <= 3 and recipe["train_seconds"] > 0
+
+    def fuse_with(**over):
+        params["fuse"] = {**params["fuse"], **over}
+        (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+        assert fuse.main(["--split", str(workdir / "split"), "--cf", str(workdir / "cf"),
+                          "--encoder", str(workdir / "enc"), "--text", str(workdir / "text"),
+                          "--out", str(workdir / "out"), "--params", str(workdir / "params.yaml")]) == 0
+        sim = json.loads((workdir / "out" / "summary.json").read_text())["training"]["simulation"]
+        return sim["fixed_sources"]["encoder"], sim["cross_folds"][0]
+
+    why, fold = fuse_with(warm_start=False, refit_fixed_sources=True)
+    assert why.startswith("re-fitted per fold")
+    assert fold["absent"] == [] and fold["seconds_fit_fixed"] > 0
+    why, fold = fuse_with(fixed_refit_max_seconds=1e-9)
+    assert "fixed_refit_max_seconds" in why and fold["absent"] == ["encoder"]
+    why, fold = fuse_with(refit_fixed_sources=False)
+    assert why == "refit_fixed_sources off" and fold["absent"] == ["encoder"]
+
+
+def test_encoder_context_clone_trains_on_the_given_rows_with_the_recipe(workdir):
+    from pipelines.data import Interactions, Split
+    from pipelines.recommenders.encoder import EncoderRecommender
+    from tests.tasks.test_train_encoder import TINY
+
+    split = Split.load(workdir / "split")
+    m = EncoderRecommender(**{**TINY, "epochs": 3, "patience": 2, "cold_member": False})
+    m.fit(split.interactions())
+    fv = m.fit_model_
+    assert fv.params["_recipe"]["epochs_run"] == m.train_info_["epochs_run"]
+    rows = split.train[split.train["fold"] == "fit"].drop(columns="fold")
+    inter = Interactions.build(rows.iloc[: len(rows) // 2], split.user_ids, split.item_ids)
+    clone = fv.context_clone({}, split.users).fit(inter)
+    assert clone.train_info_["epochs_run"] == fv.params["_recipe"]["epochs"]
+    assert (clone._seen != inter.matrix()).nnz == 0  # it learned from these rows only
+    assert "refit" not in clone.train_info_ and clone.params.get("_cold_members", 0) == 0
+    with pytest.raises(ValueError, match="recipe"):
+        m.context_clone({}, split.users)  # the full model has none

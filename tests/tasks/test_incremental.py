@@ -152,9 +152,13 @@ def test_encoder_warm_start_reuses_the_previous_model(tmp_path):
     ws = warm["warm_start"]
     assert ws["used"] is True and warm["epochs_run"] == 1
     assert ws["items_reused"] == 22 and ws["new_items"] == 2
-    # fine-tuning starts with the users whose history changed: new users + those with new items
-    n_full = pd.read_parquet(full / "train.parquet").groupby("user_id").size()
-    n_base = pd.read_parquet(base / "train.parquet").groupby("user_id").size()
+    # fine-tuning starts with the users whose history changed: new users + those with new
+    # items (counted on the fit rows: the first phase starts from the previous fit variant)
+    def fit_rows(split):
+        t = pd.read_parquet(split / "train.parquet")
+        return t[t["fold"] != "val"].groupby("user_id").size()
+
+    n_full, n_base = fit_rows(full), fit_rows(base)
     assert ws["changed_users"] == int((n_full.sub(n_base, fill_value=0) != 0).sum()) > len(NEW_USERS)
     # new users bring new ages (a grown vocabulary: aligned by value); the hashed crosses
     # of the attribute codes change meaning and start afresh
@@ -186,3 +190,43 @@ def test_encoder_warm_start_needs_the_same_architecture(tmp_path):
     m = _encoder(full, text, out, tmp_path / "p.yaml", epochs=2, warm_start=True, d_model=8)
     assert m["warm_start"]["used"] is False and "d_model" in m["warm_start"]["reason"]
     assert m["epochs_run"] == 2
+
+
+def test_encoder_first_phase_warm_starts_from_the_previous_fit_variant_only(tmp_path, monkeypatch):
+    """The first phase yields the fuse's fit variant, whose val-row scores must be honest: it
+    starts from the previous fit variant (fit rows only), never from the previous full model
+    (which learned from the val rows); the refit starts from the full model."""
+    from pipelines.recommenders import encoder as enc
+
+    base, full = base_and_full(tmp_path)
+    items = [f"i{i}" for i in range(24)]
+    text = write_modality(tmp_path / "text", items)
+    out = tmp_path / "enc"
+    _encoder(base, text, out, tmp_path / "p.yaml", epochs=2, warm_start=True, refit=True,
+             ensemble=False, cold_member=False)
+    prev_fit = Recommender.load(out / "model_fit")._seen.nnz
+    prev_full = Recommender.load(out / "model")._seen.nnz
+    assert prev_fit < prev_full  # the full model saw the val rows too
+    started_from = []
+    real = enc.warm_load
+
+    def spy(model, previous, item_ids, arch):
+        started_from.append(previous._seen.nnz)
+        return real(model, previous, item_ids, arch)
+
+    monkeypatch.setattr(enc, "warm_load", spy)
+    warm = _encoder(full, text, out, tmp_path / "p.yaml", epochs=2, warm_start=True, refit=True,
+                    ensemble=False, cold_member=False, warm_epochs=1)
+    assert warm["warm_start"]["used"] is True and warm["refit"]["warm_start"]["used"] is True
+    assert started_from == [prev_fit, prev_full]  # phase 1, then the refit
+
+    # without a previous fit variant the first phase starts cold (and says why)
+    import shutil
+
+    shutil.rmtree(out / "model_fit")
+    started_from.clear()
+    again = _encoder(full, text, out, tmp_path / "p.yaml", epochs=2, warm_start=True, refit=True,
+                     ensemble=False, cold_member=False, warm_epochs=1)
+    assert again["warm_start"]["used"] is False and "fit-rows" in again["warm_start"]["reason"]
+    assert again["refit"]["warm_start"]["used"] is True
+    assert len(started_from) == 1
