@@ -176,7 +176,31 @@ def check_vector(a: dict[str, np.ndarray], key: str, n: int) -> np.ndarray:
     return v
 
 
-class ItemKNN(Recommender):
+class SimilarityRecommender(Recommender):
+    """``score(u, j) = sum_{i in I(u)} S[i, j]`` with a sparse item x item ``S``: the scoring and
+    persistence of item-similarity models.  Subclasses' ``_fit`` sets ``sim_`` (S), ``X_``
+    (users x items history) and ``pop_`` (:func:`popularity_prior`)."""
+
+    def score_users(self, uidx: np.ndarray) -> np.ndarray:
+        uidx = np.asarray(uidx, dtype=np.int64)
+        out = np.zeros((len(uidx), self.sim_.shape[1]), dtype=np.float32)
+        known = uidx >= 0
+        if known.any():
+            out[known] = (self.X_[uidx[known]] @ self.sim_).toarray()
+        # popularity as a tiny tie-breaker; cold users get pure popularity
+        return out + self.pop_
+
+    def _state(self):
+        return {**csr_state("S", self.sim_), **csr_state("X", self.X_), "pop": self.pop_}
+
+    def _set_state(self, a):
+        nu, ni = len(self.user_ids), len(self.item_ids)
+        self.sim_ = csr_from_state(a, "S", (ni, ni))
+        self.X_ = csr_from_state(a, "X", (nu, ni))
+        self.pop_ = check_vector(a, "pop", ni)
+
+
+class ItemKNN(SimilarityRecommender):
     """Item-based kNN: score(u, j) = sum_{i in I(u)} sim(i, j).
 
     Params: ``neighbors`` (kept per item), ``shrink``, ``alpha`` (asymmetric
@@ -203,21 +227,3 @@ class ItemKNN(Recommender):
                                 alpha=self.params["alpha"])
         self.X_ = X
         self.pop_ = popularity_prior(X)
-
-    def score_users(self, uidx: np.ndarray) -> np.ndarray:
-        uidx = np.asarray(uidx, dtype=np.int64)
-        out = np.zeros((len(uidx), self.sim_.shape[0]), dtype=np.float32)
-        known = uidx >= 0
-        if known.any():
-            out[known] = (self.X_[uidx[known]] @ self.sim_).toarray()
-        # popularity as a tiny tie-breaker; cold users get pure popularity
-        return out + self.pop_
-
-    def _state(self):
-        return {**csr_state("S", self.sim_), **csr_state("X", self.X_), "pop": self.pop_}
-
-    def _set_state(self, a):
-        nu, ni = len(self.user_ids), len(self.item_ids)
-        self.sim_ = csr_from_state(a, "S", (ni, ni))
-        self.X_ = csr_from_state(a, "X", (nu, ni))
-        self.pop_ = check_vector(a, "pop", ni)

@@ -32,8 +32,7 @@ import scipy.sparse as sp
 
 from ..data import Interactions, item_popularity
 from ..schema import TS
-from .base import Recommender
-from .knn import check_vector, csr_from_state, csr_state, popularity_prior
+from .knn import SimilarityRecommender, popularity_prior
 
 
 def sparse_topk_rows(M: sp.csr_matrix, k: int) -> sp.csr_matrix:
@@ -85,7 +84,7 @@ def window_cooccurrence(data: Interactions, window: int, decay: float = 1.0,
     return C.tocsr()
 
 
-class SeqKNN(Recommender):
+class SeqKNN(SimilarityRecommender):
     """Sequence-window item-kNN. Params: ``window``, ``decay``, ``neighbors``, ``shrink``, ``alpha``."""
 
     name = "seqknn"
@@ -116,23 +115,6 @@ class SeqKNN(Recommender):
         self.sim_ = sparse_topk_rows(S, p["neighbors"]).T.tocsr()
         self.X_ = X
         self.pop_ = popularity_prior(X)
-
-    def score_users(self, uidx: np.ndarray) -> np.ndarray:
-        uidx = np.asarray(uidx, dtype=np.int64)
-        out = np.zeros((len(uidx), self.sim_.shape[1]), dtype=np.float32)
-        known = uidx >= 0
-        if known.any():
-            out[known] = (self.X_[uidx[known]] @ self.sim_).toarray()
-        return out + self.pop_
-
-    def _state(self):
-        return {**csr_state("S", self.sim_), **csr_state("X", self.X_), "pop": self.pop_}
-
-    def _set_state(self, a):
-        nu, ni = len(self.user_ids), len(self.item_ids)
-        self.sim_ = csr_from_state(a, "S", (ni, ni))
-        self.X_ = csr_from_state(a, "X", (nu, ni))
-        self.pop_ = check_vector(a, "pop", ni)
 
 
 __all__ = ["SeqKNN", "window_cooccurrence", "sparse_topk_rows"]
