@@ -40,8 +40,9 @@ class FaultProxy:
         self.url = f"http://{host}:{self.port}"
         self.requests: list[str] = []  # request lines, in order
         self.on_request: Callable[[int], None] | None = None
-        self._armed: tuple[int, str, str | None] | None = None
+        self._armed: tuple[int, str, str | None, bool] | None = None
         self._matched = 0  # requests of the armed method so far
+        self._seen: set[str] = set()  # their request lines (``distinct``)
         self._lock = threading.Lock()
         self._socks: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -49,14 +50,18 @@ class FaultProxy:
         self.up()
 
     # ------------------------------------------------------------------ control
-    def arm(self, n: int | None, mode: str = "before", method: str | None = None) -> None:
+    def arm(self, n: int | None, mode: str = "before", method: str | None = None,
+            distinct: bool = False) -> None:
         """Go down at request number ``n`` (1-based, counted from now on; with ``method``,
-        the ``n``-th request of that method, e.g. the 6th PUT whatever else came between)."""
+        the ``n``-th request of that method, e.g. the 6th PUT whatever else came between;
+        with ``distinct``, a request line seen before (a client's retry of the same object
+        after a timeout on a loaded machine) does not count again)."""
         assert mode in ("before", "after"), mode
         with self._lock:
             self.requests.clear()
             self._matched = 0
-            self._armed = None if n is None else (n, mode, method)
+            self._seen: set[str] = set()
+            self._armed = None if n is None else (n, mode, method, distinct)
 
     def up(self) -> None:
         with self._lock:
@@ -140,7 +145,8 @@ class FaultProxy:
             if armed is not None:
                 if armed[2] is None:
                     hit = armed[1] if n == armed[0] else None
-                elif line.startswith(armed[2] + " "):
+                elif line.startswith(armed[2] + " ") and not (armed[3] and line in self._seen):
+                    self._seen.add(line)
                     self._matched += 1
                     hit = armed[1] if self._matched == armed[0] else None
         if self.on_request is not None:

@@ -56,3 +56,80 @@ def test_an_after_cut_loses_a_final_response_that_came_with_its_100_continue():
         assert b"200 OK" not in got and proxy.is_down
     finally:
         proxy.close()
+
+
+def _echo_server(n_requests: int) -> int:
+    """A keep-alive server that answers ``n_requests`` bodiless requests with 200 each."""
+    port = free_port()
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", port))
+    ls.listen(4)
+
+    def serve():
+        conn, _ = ls.accept()
+        buf, answered = b"", 0
+        while answered < n_requests:
+            data = conn.recv(4096)
+            if not data:
+                break
+            buf += data
+            while b"\r\n\r\n" in buf:
+                _, buf = buf.split(b"\r\n\r\n", 1)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                answered += 1
+        conn.close()
+        ls.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return port
+
+
+def _exchange(s: socket.socket, line: str) -> bytes:
+    s.sendall(f"{line}\r\nHost: a\r\n\r\n".encode())
+    got = b""
+    while not got.endswith(b"ok"):
+        data = s.recv(4096)
+        if not data:
+            break
+        got += data
+    return got
+
+
+def test_a_distinct_count_skips_a_retried_request_line():
+    """PUT a, PUT b, PUT b (the client's retry), PUT c: the 3rd distinct PUT is c, not the
+    retry of b; a plain count would have cut at the retry."""
+    proxy = FaultProxy(_echo_server(4))
+    try:
+        proxy.arm(3, "before", method="PUT", distinct=True)
+        s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        for path in ("/a", "/b", "/b"):
+            assert _exchange(s, f"PUT {path} HTTP/1.1").endswith(b"ok"), path
+        assert not proxy.is_down
+        try:
+            got = _exchange(s, "PUT /c HTTP/1.1")
+        except OSError:
+            got = b""
+        s.close()
+        assert got == b"" and proxy.is_down
+        assert proxy.requests == ["PUT /a HTTP/1.1", "PUT /b HTTP/1.1", "PUT /b HTTP/1.1",
+                                  "PUT /c HTTP/1.1"]
+    finally:
+        proxy.close()
+
+
+def test_a_plain_count_cuts_at_the_retry():
+    proxy = FaultProxy(_echo_server(3))
+    try:
+        proxy.arm(3, "before", method="PUT")
+        s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        for path in ("/a", "/b"):
+            assert _exchange(s, f"PUT {path} HTTP/1.1").endswith(b"ok"), path
+        try:
+            got = _exchange(s, "PUT /b HTTP/1.1")
+        except OSError:
+            got = b""
+        s.close()
+        assert got == b"" and proxy.is_down
+    finally:
+        proxy.close()
