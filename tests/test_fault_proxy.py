@@ -4,26 +4,39 @@ server writes it."""
 import socket
 import threading
 
+import pytest
+
 from tests.fault_proxy import FaultProxy
 from tests.s3_server import free_port
 
 
-def _one_shot_server(reply: bytes) -> int:
-    """A server that reads one request (head + 5-byte body) and writes ``reply`` at once."""
+def _listen() -> tuple[int, socket.socket]:
     port = free_port()
     ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind(("127.0.0.1", port))
     ls.listen(4)
+    return port, ls
+
+
+def _recv_until(sock: socket.socket, suffix: bytes) -> bytes:
+    """What arrives until it ends with ``suffix`` or the peer closes."""
+    got = b""
+    while not got.endswith(suffix):
+        data = sock.recv(4096)
+        if not data:
+            break
+        got += data
+    return got
+
+
+def _one_shot_server(reply: bytes) -> int:
+    """A server that reads one request (head + 5-byte body) and writes ``reply`` at once."""
+    port, ls = _listen()
 
     def serve():
         conn, _ = ls.accept()
-        buf = b""
-        while not buf.endswith(b"hello"):
-            data = conn.recv(4096)
-            if not data:
-                break
-            buf += data
+        _recv_until(conn, b"hello")
         conn.sendall(reply)
         conn.close()
         ls.close()
@@ -60,11 +73,7 @@ def test_an_after_cut_loses_a_final_response_that_came_with_its_100_continue():
 
 def _echo_server(n_requests: int) -> int:
     """A keep-alive server that answers ``n_requests`` bodiless requests with 200 each."""
-    port = free_port()
-    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("127.0.0.1", port))
-    ls.listen(4)
+    port, ls = _listen()
 
     def serve():
         conn, _ = ls.accept()
@@ -87,49 +96,28 @@ def _echo_server(n_requests: int) -> int:
 
 def _exchange(s: socket.socket, line: str) -> bytes:
     s.sendall(f"{line}\r\nHost: a\r\n\r\n".encode())
-    got = b""
-    while not got.endswith(b"ok"):
-        data = s.recv(4096)
-        if not data:
-            break
-        got += data
-    return got
+    return _recv_until(s, b"ok")
 
 
-def test_a_distinct_count_skips_a_retried_request_line():
-    """PUT a, PUT b, PUT b (the client's retry), PUT c: the 3rd distinct PUT is c, not the
-    retry of b; a plain count would have cut at the retry."""
-    proxy = FaultProxy(_echo_server(4))
+@pytest.mark.parametrize("distinct, cut_path", [(True, "/c"), (False, "/b")])
+def test_a_distinct_count_skips_a_retried_request_line(distinct, cut_path):
+    """PUT a, PUT b, PUT b (the client's retry), PUT c, armed at the 3rd PUT: with ``distinct``
+    the cut comes at c, the retry of b passing; a plain count cuts at the retry."""
+    paths = ["/a", "/b", "/b", "/c"]
+    cut = paths.index(cut_path, 2)
+    proxy = FaultProxy(_echo_server(len(paths)))
     try:
-        proxy.arm(3, "before", method="PUT", distinct=True)
+        proxy.arm(3, "before", method="PUT", distinct=distinct)
         s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-        for path in ("/a", "/b", "/b"):
+        for path in paths[:cut]:
             assert _exchange(s, f"PUT {path} HTTP/1.1").endswith(b"ok"), path
         assert not proxy.is_down
         try:
-            got = _exchange(s, "PUT /c HTTP/1.1")
+            got = _exchange(s, f"PUT {paths[cut]} HTTP/1.1")
         except OSError:
             got = b""
         s.close()
         assert got == b"" and proxy.is_down
-        assert proxy.requests == ["PUT /a HTTP/1.1", "PUT /b HTTP/1.1", "PUT /b HTTP/1.1",
-                                  "PUT /c HTTP/1.1"]
-    finally:
-        proxy.close()
-
-
-def test_a_plain_count_cuts_at_the_retry():
-    proxy = FaultProxy(_echo_server(3))
-    try:
-        proxy.arm(3, "before", method="PUT")
-        s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-        for path in ("/a", "/b"):
-            assert _exchange(s, f"PUT {path} HTTP/1.1").endswith(b"ok"), path
-        try:
-            got = _exchange(s, "PUT /b HTTP/1.1")
-        except OSError:
-            got = b""
-        s.close()
-        assert got == b"" and proxy.is_down
+        assert proxy.requests == [f"PUT {p} HTTP/1.1" for p in paths[:cut + 1]]
     finally:
         proxy.close()
