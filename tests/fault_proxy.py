@@ -33,6 +33,9 @@ def _shutdown(*socks: socket.socket) -> None:
         except OSError:
             pass
 
+_INTERIM = b"HTTP/1.1 100"  # an interim response (100 Continue)
+
+
 class FaultProxy:
     def __init__(self, upstream_port: int, host: str = "127.0.0.1"):
         self.host, self.upstream_port = host, upstream_port
@@ -40,9 +43,8 @@ class FaultProxy:
         self.url = f"http://{host}:{self.port}"
         self.requests: list[str] = []  # request lines, in order
         self.on_request: Callable[[int], None] | None = None
-        self._armed: tuple[int, str, str | None, bool] | None = None
+        self._armed: tuple[int, str, str | None] | None = None
         self._matched = 0  # requests of the armed method so far
-        self._seen: set[str] = set()  # their request lines (``distinct``)
         self._lock = threading.Lock()
         self._socks: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -50,18 +52,14 @@ class FaultProxy:
         self.up()
 
     # ------------------------------------------------------------------ control
-    def arm(self, n: int | None, mode: str = "before", method: str | None = None,
-            distinct: bool = False) -> None:
+    def arm(self, n: int | None, mode: str = "before", method: str | None = None) -> None:
         """Go down at request number ``n`` (1-based, counted from now on; with ``method``,
-        the ``n``-th request of that method, e.g. the 6th PUT whatever else came between;
-        with ``distinct``, a request line seen before (a client's retry of the same object
-        after a timeout on a loaded machine) does not count again)."""
+        the ``n``-th request of that method, e.g. the 6th PUT whatever else came between)."""
         assert mode in ("before", "after"), mode
         with self._lock:
             self.requests.clear()
             self._matched = 0
-            self._seen: set[str] = set()
-            self._armed = None if n is None else (n, mode, method, distinct)
+            self._armed = None if n is None else (n, mode, method)
 
     def up(self) -> None:
         with self._lock:
@@ -113,22 +111,30 @@ class FaultProxy:
             threading.Thread(target=self._s2c, args=(upstream, client, state), daemon=True).start()
 
     def _s2c(self, upstream: socket.socket, client: socket.socket, state: dict) -> None:
+        carry = b""  # an interim response cut by the read boundary, held until it is whole
         try:
             while True:
                 data = upstream.recv(65536)
                 if not data:
                     break
                 if state["swallow"]:
-                    if not data.startswith(b"HTTP/1.1 100"):
-                        self.down()  # the response of the armed request: lost with the server
-                        return
-                    # "100 Continue" passes, but the final response may come in the same read
-                    # (a client that sent its body without waiting for the 100): it is lost
-                    end = data.find(b"\r\n\r\n")
-                    if 0 <= end < len(data) - 4:
-                        client.sendall(data[:end + 4])
+                    # interim "100 Continue" responses pass (a server may send more than one,
+                    # several may come in one read, and with a client that sent its body without
+                    # waiting the final response may come in the same read); the final response
+                    # of the armed request is lost with the server
+                    data, passed = carry + data, 0
+                    while data.startswith(_INTERIM, passed):
+                        end = data.find(b"\r\n\r\n", passed)
+                        if end < 0:
+                            break
+                        passed = end + 4
+                    if passed:
+                        client.sendall(data[:passed])
+                    carry = data[passed:]  # empty, or an interim response not whole yet
+                    if carry and not (_INTERIM.startswith(carry) or carry.startswith(_INTERIM)):
                         self.down()
                         return
+                    continue
                 client.sendall(data)
         except OSError:
             pass
@@ -145,8 +151,7 @@ class FaultProxy:
             if armed is not None:
                 if armed[2] is None:
                     hit = armed[1] if n == armed[0] else None
-                elif line.startswith(armed[2] + " ") and not (armed[3] and line in self._seen):
-                    self._seen.add(line)
+                elif line.startswith(armed[2] + " "):
                     self._matched += 1
                     hit = armed[1] if self._matched == armed[0] else None
         if self.on_request is not None:
