@@ -25,13 +25,13 @@ from typing import Callable
 from tests.s3_server import free_port
 
 
-
 def _shutdown(*socks: socket.socket) -> None:
     for sock in socks:
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
 
 _INTERIM = b"HTTP/1.1 100"  # an interim response (100 Continue)
 
