@@ -98,7 +98,7 @@ STAGES: list[Stage] = [
         args={"split": "artifacts/split", "out": "artifacts/fit_cf"},
         deps=("artifacts/split",),
         outs=("artifacts/fit_cf",),
-        code=BASE_CODE + ("recommenders",),
+        code=BASE_CODE + ("metrics.py", "recommenders"),
         heavy=True,
     ),
     Stage(
