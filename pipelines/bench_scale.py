@@ -161,13 +161,14 @@ def run_size(size: int, workdir: Path, params: Path, incremental: bool, log,
         import pyarrow.parquet as pq
 
         n = pq.ParquetFile(data_dir / "ratings.parquet").metadata.num_rows
-        return {**_summary(full), "dataset": ds, "n_interactions": int(n)}
+        return {**_summary(full), "dataset": ds, "n_interactions": int(n),
+                "detail": _detail(workdir / f"run-{size}")}
     base_dir = workdir / f"data-{size}-base"
     inc = split_increment(data_dir, base_dir)
     wd = workdir / f"inc-{size}"
     shutil.rmtree(wd, ignore_errors=True)  # the base run is cold (see above); the rerun is not
     base = bench.run_protocol(base_dir, f"{size}-base", proto, wd, params)
-    res = {**_summary(base), "dataset": ds, "n_interactions": inc["n_base"]}
+    res = {**_summary(base), "dataset": ds, "n_interactions": inc["n_base"], "detail": _detail(wd)}
     rerun = bench.run_protocol(data_dir, f"{size}-incremental", proto, wd, params)
     r = _summary(rerun)
     res["incremental"] = {
@@ -181,6 +182,21 @@ def run_size(size: int, workdir: Path, params: Path, incremental: bool, log,
 def _primary(metrics: dict) -> dict:
     return {m: round(float(v.get("all", {}).get("ndcg@10", float("nan"))), 4)
             for m, v in metrics.items() if isinstance(v, dict)}
+
+
+def _detail(wd: Path) -> dict:
+    """Inside the two largest stages of a run: fit_cf's per-model seconds and tuning, fuse's phases."""
+    out = {}
+    f = wd / "artifacts" / "fit_cf" / "summary.json"
+    if f.is_file():
+        s = json.loads(f.read_text(encoding="utf-8"))
+        out["fit_cf"] = {"seconds": s.get("seconds"), "tuning": {
+            name: {k: t.get(k) for k in ("chosen", "seconds", "results", "reused") if k in t}
+            for name, t in (s.get("tuning") or {}).items()}}
+    f = wd / "artifacts" / "fuse" / "summary.json"
+    if f.is_file():
+        out["fuse"] = {"seconds": json.loads(f.read_text(encoding="utf-8")).get("seconds")}
+    return out
 
 
 def _reuse(wd: Path) -> dict:

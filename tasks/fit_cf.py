@@ -18,11 +18,14 @@ Tuning (``tune``): for each model named there, every combination of the listed
 values (``{param: [values, ...]}``, a grid) is fitted on the ``fit`` fold and
 scored by ``tune_metric`` (default ``ndcg@10``) on the validation fold (at most
 ``tune_max_users`` users, a seeded sample); the best combination (the first on
-a tie) is used for both folds, and the fitted ``fit``-fold winner is kept rather
-than fitted again.  The defaults of ``params.yaml`` suit ML-100K; a catalogue of
-another shape may want other values (the synthetic 1M benchmark: ALS with 96
-factors scores below popularity, with 8 factors above EASE), and the tuning finds
-them without a hand-made search.  The test rows are never seen.  A warm-started
+a tie) is used for both folds, except that the configured values (``models``),
+when they are a grid point, stand unless beaten by more than ``tune_min_gain``
+(relative, default 1%: smaller differences are the validation sample's
+noise); the fitted ``fit``-fold winner is kept rather than fitted again.  The
+defaults of ``params.yaml`` suit ML-100K; a catalogue of another shape may want
+other values (the synthetic 1M benchmark: ALS with 96 factors scores below
+popularity, with 8 factors above EASE), and the tuning finds them without a
+hand-made search.  The test rows are never seen.  A warm-started
 run reuses the previous run's choice when the grid and the model's other
 hyper-parameters are unchanged (no re-tuning on every increment).  The whole
 table is written to ``summary.json`` (``tuning``).
@@ -50,7 +53,8 @@ log = logging.getLogger("mmrec.fit_cf")
 
 DEFAULTS = {"models": {"popularity": {}, "itemknn": {"neighbors": 100, "shrink": 0.0}},
             "folds": ["fit", "full"], "warm_start": True, "warm_iterations": {"als": 5, "bpr": 20},
-            "tune": {}, "tune_metric": "ndcg@10", "tune_max_users": 5000, "tune_seed": 0}
+            "tune": {}, "tune_metric": "ndcg@10", "tune_max_users": 5000, "tune_seed": 0,
+            "tune_min_gain": 0.01}
 WARM_TYPES = ("als", "bpr")  # models whose fit() takes init=previous model
 
 
@@ -107,9 +111,11 @@ def grid(name: str, spec) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(spec[k] for k in keys))]
 
 
-def tuning_key(hyper: dict | None, spec: dict) -> str:
-    """Fingerprint of a model's base hyper-parameters and its grid (reuse only when equal)."""
-    blob = json.dumps({"hyper": dict(hyper or {}), "grid": spec}, sort_keys=True, default=str)
+def tuning_key(hyper: dict | None, spec: dict, extra: dict | None = None) -> str:
+    """Fingerprint of a model's base hyper-parameters, its grid and the tuning settings
+    (a previous choice is reused only when all are equal)."""
+    blob = json.dumps({"hyper": dict(hyper or {}), "grid": spec, "tuning": extra or {}},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -141,10 +147,18 @@ def validation_targets(split: Split, data, max_users: int, seed: int) -> tuple[n
 
 
 def tune_model(name: str, hyper: dict | None, spec: dict, data, users: np.ndarray, truth: list,
-               metric: str) -> tuple[dict, Recommender, list[dict]]:
-    """Fit each grid point on ``data``; return the best hyper-parameters, its model, the table."""
+               metric: str, min_gain: float = 0.0) -> tuple[dict, Recommender, list[dict], dict]:
+    """Fit each grid point on ``data``; return the chosen hyper-parameters, its model, the table
+    and how the choice was made.
+
+    The configured values (``hyper``), when they are a grid point, stand unless another point
+    beats them by more than ``min_gain`` (relative): a validation fold is a sample, and a
+    difference of a few parts in ten thousand is noise, not a reason to move away from a
+    tuned default.  Without the configured values in the grid the best point is taken.
+    """
     mname, k = parse_metric(metric)
-    rows, best = [], None
+    base = {key: dict(hyper or {}).get(key) for key in spec}
+    rows, best, configured = [], None, None
     for combo in grid(name, spec):
         h = {**dict(hyper or {}), **combo}
         t0 = time.perf_counter()
@@ -154,9 +168,16 @@ def tune_model(name: str, hyper: dict | None, spec: dict, data, users: np.ndarra
         rows.append({"params": combo, metric: round(value, 6),
                      "seconds": round(time.perf_counter() - t0, 3)})
         log.info("fit_cf: tune %s %s -> %s %.4f", name, combo, metric, value)
+        if combo == base and configured is None:
+            configured = (value, h, model)
         if best is None or value > best[0]:
             best = (value, h, model)
-    return best[1], best[2], rows
+    how = {"configured": base if configured is not None else None, "min_gain": float(min_gain)}
+    if configured is not None and best[0] <= configured[0] * (1.0 + float(min_gain)):
+        how["kept_configured"] = True
+        return configured[1], configured[2], rows, how
+    how["kept_configured"] = False
+    return best[1], best[2], rows, how
 
 
 def previous_tuning(prev_dir: Path | None) -> dict:
@@ -195,7 +216,8 @@ def fit_all(split: Split, params: dict, prev_dir: str | Path | None = None) -> d
         data_fit = split.interactions("fit")
         users = truth = None
         for name, spec in tune_cfg.items():
-            key = tuning_key(hypers[name], spec)
+            key = tuning_key(hypers[name], spec, {k: p[k] for k in (
+                "tune_metric", "tune_max_users", "tune_seed", "tune_min_gain")})
             prev = prev_tuning.get(name) or {}
             t0 = time.perf_counter()
             if prev.get("key") == key and isinstance(prev.get("chosen"), dict):
@@ -211,13 +233,13 @@ def fit_all(split: Split, params: dict, prev_dir: str | Path | None = None) -> d
                                 "reason": "no validation rows: configured values kept"}
                 log.warning("fit_cf: no validation rows to tune %s on: configured values kept", name)
                 continue
-            best, model, rows = tune_model(name, hypers[name], spec, data_fit, users, truth,
-                                           p["tune_metric"])
+            best, model, rows, how = tune_model(name, hypers[name], spec, data_fit, users, truth,
+                                                p["tune_metric"], float(p["tune_min_gain"]))
             chosen = {k: best[k] for k in spec}
             hypers[name] = best
             tuned_fit_models[name] = model
             tuning[name] = {"key": key, "reused": False, "metric": p["tune_metric"],
-                            "users": int(len(users)), "chosen": chosen, "results": rows,
+                            "users": int(len(users)), "chosen": chosen, **how, "results": rows,
                             "seconds": round(time.perf_counter() - t0, 3)}
             print(f"fit_cf: tuned {name} on {len(users)} validation users: {chosen} "
                   f"({p['tune_metric']} " + ", ".join(

@@ -100,6 +100,24 @@ def test_reuse_reads_what_the_stages_write(tmp_path):
     assert "preprocess_image" not in r
 
 
+def test_detail_keeps_the_cold_runs_tuning_and_fuse_phases(tmp_path):
+    """The cold run's inside figures are read before the rerun overwrites its outputs."""
+    from pipelines.io import write_json
+
+    a = tmp_path / "artifacts"
+    assert bench_scale._detail(tmp_path) == {}
+    write_json(a / "fit_cf" / "summary.json", {
+        "seconds": {"full/als": 2.0}, "warm_start": {},
+        "tuning": {"als": {"key": "k", "chosen": {"factors": 8}, "seconds": 3.5, "reused": False,
+                           "results": [{"params": {"factors": 8}, "ndcg@10": 0.2}]}}})
+    write_json(a / "fuse" / "summary.json", {"seconds": {"train_ranker": 9.0, "total": 20.0}, "k": 50})
+    d = bench_scale._detail(tmp_path)
+    assert d["fit_cf"]["seconds"] == {"full/als": 2.0}
+    assert d["fit_cf"]["tuning"]["als"]["chosen"] == {"factors": 8}
+    assert "key" not in d["fit_cf"]["tuning"]["als"]
+    assert d["fuse"] == {"seconds": {"train_ranker": 9.0, "total": 20.0}}
+
+
 @pytest.mark.parametrize("incremental", [False, True])
 def test_the_cold_run_starts_from_an_empty_workspace(tmp_path, monkeypatch, incremental):
     """A workspace left by an earlier run (feature caches, warm-start models) must not serve the

@@ -85,6 +85,27 @@ def test_tuning_picks_the_grid_point_that_ranks_the_validation_rows_best(tmp_pat
     assert s["seconds"]["fit/als"] == 0.0 and s["warm_start"]["fit/als"]["reason"] == "tuned in this run"
 
 
+@pytest.mark.parametrize("min_gain, chosen", [(0.0, 8), (100.0, 1)])
+def test_the_configured_value_stands_unless_beaten_by_the_minimum_gain(tmp_path, min_gain, chosen):
+    split = write_blocks(tmp_path / "split")
+    s = run(split, tmp_path / "cf", tmp_path / "p.yaml", tune_min_gain=min_gain,
+            models={"als": {**ALS, "factors": 1}})
+    t = s["tuning"]["als"]
+    by = {r["params"]["factors"]: r["ndcg@10"] for r in t["results"]}
+    assert by[8] > by[1] * 1.2  # 8 factors is clearly better on validation...
+    assert t["configured"] == {"factors": 1} and t["min_gain"] == min_gain
+    assert t["chosen"] == {"factors": chosen} and t["kept_configured"] is (chosen == 1)
+    assert Recommender.load(tmp_path / "cf" / "full" / "als").params["factors"] == chosen
+
+
+def test_without_the_configured_value_in_the_grid_the_best_point_is_taken(tmp_path):
+    split = write_blocks(tmp_path / "split")
+    s = run(split, tmp_path / "cf", tmp_path / "p.yaml", tune_min_gain=100.0,
+            models={"als": {**ALS, "factors": 2}})
+    t = s["tuning"]["als"]
+    assert t["configured"] is None and t["chosen"] == {"factors": 8} and t["kept_configured"] is False
+
+
 def test_tuning_never_reads_the_test_rows(tmp_path):
     a = write_blocks(tmp_path / "a")
     rng = np.random.default_rng(7)
@@ -116,6 +137,10 @@ def test_a_warm_run_reuses_the_previous_choice_until_the_grid_changes(tmp_path):
     # warm_start off: tuned again even with the same grid
     fourth = run(split, out, tmp_path / "p.yaml", warm_start=False)
     assert fourth["tuning"]["als"]["reused"] is False
+
+    # another tuning setting is another question: tuned again
+    fifth = run(split, out, tmp_path / "p.yaml", tune_min_gain=0.5)
+    assert fifth["tuning"]["als"]["reused"] is False
 
 
 def test_no_validation_rows_keeps_the_configured_values(tmp_path):
