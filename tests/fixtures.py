@@ -42,3 +42,16 @@ def write_blocks_dataset(path: Path, n_users: int = 40, n_items: int = 30, per_u
                       "gender": ["M" if u % 2 else "F" for u in range(n_users)]}).to_csv(
             path / "users.csv", index=False)
     return path
+
+
+def split_frames(rows, n_train: int, n_fit: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, test) from (user, item, timestamp, rating) rows in each user's order: the first
+    ``n_fit`` rows of a user are the ``fit`` fold, the next up to ``n_train`` the ``val`` fold,
+    the rest test."""
+    df = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"])
+    df["timestamp"] = df["timestamp"].astype(np.int64)
+    df["rating"] = df["rating"].astype(np.float32)
+    pos = df.groupby("user_id").cumcount().to_numpy()
+    train = df[pos < n_train].copy()
+    train["fold"] = np.where(pos[pos < n_train] >= n_fit, "val", "fit")
+    return train, df[pos >= n_train].copy()

@@ -13,6 +13,7 @@ import yaml
 from pipelines.data import Split
 from pipelines.recommenders import Recommender
 from tasks import fit_cf
+from tests.fixtures import split_frames
 
 N_BLOCKS, BLOCK = 4, 10
 
@@ -29,13 +30,7 @@ def write_blocks(path: Path, n_users: int = 64, seed: int = 0, test_items=None) 
         b = u % N_BLOCKS
         for j, i in enumerate(rng.choice(BLOCK, 10, replace=False)):
             rows.append((f"u{u}", f"i{b * BLOCK + i}", 1_600_000_000 + u * 1000 + j * 60, 4.0))
-    df = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"])
-    df["timestamp"] = df["timestamp"].astype(np.int64)
-    df["rating"] = df["rating"].astype(np.float32)
-    pos = df.groupby("user_id").cumcount().to_numpy()
-    train = df[pos < 8].copy()
-    train["fold"] = np.where(pos[pos < 8] >= 6, "val", "fit")
-    test = df[pos >= 8].copy()
+    train, test = split_frames(rows, n_train=8, n_fit=6)
     if test_items is not None:
         test["item_id"] = test_items(len(test))
     path.mkdir(parents=True, exist_ok=True)

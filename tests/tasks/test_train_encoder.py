@@ -21,6 +21,7 @@ from pipelines.features import build_table, write_features  # noqa: E402
 from pipelines.io import load_params  # noqa: E402
 from pipelines.recommenders import Recommender  # noqa: E402
 from tasks import train_encoder  # noqa: E402
+from tests.fixtures import split_frames  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "max_len": 16, "batch_size": 16, "epochs": 4,
@@ -36,13 +37,7 @@ def write_split(path: Path, n_users: int = 40, n_items: int = 24, per_user: int 
         block = range(half - 1) if u % 2 == 0 else range(half, n_items - 1)  # last of each block: cold
         for j, i in enumerate(rng.choice(list(block), per_user, replace=False)):
             rows.append((f"u{u}", f"i{i}", 1_600_000_000 + u * 1000 + j * 600, float(rng.integers(1, 6))))
-    df = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"])
-    df["timestamp"] = df["timestamp"].astype(np.int64)
-    df["rating"] = df["rating"].astype(np.float32)
-    pos = df.groupby("user_id").cumcount().to_numpy()
-    train = df[pos < 8].copy()
-    train["fold"] = np.where(pos[pos < 8] >= 7, "val", "fit")
-    test = df[pos >= 8].copy()
+    train, test = split_frames(rows, n_train=8, n_fit=7)
     path.mkdir(parents=True, exist_ok=True)
     train.to_parquet(path / "train.parquet", index=False)
     test.to_parquet(path / "test.parquet", index=False)
