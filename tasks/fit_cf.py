@@ -26,8 +26,8 @@ defaults of ``params.yaml`` suit ML-100K; a catalogue of another shape may want
 other values (the synthetic 1M benchmark: ALS with 96 factors scores below
 popularity, with 8 factors above EASE), and the tuning finds them without a
 hand-made search.  The test rows are never seen.  A warm-started
-run reuses the previous run's choice when the grid and the model's other
-hyper-parameters are unchanged (no re-tuning on every increment).  The whole
+run reuses the previous run's choice when the grid, the tuning settings and the
+model's other hyper-parameters are unchanged (no re-tuning on every increment).  The whole
 table is written to ``summary.json`` (``tuning``).
 """
 
@@ -132,7 +132,7 @@ def validation_targets(split: Split, data, max_users: int, seed: int) -> tuple[n
     i = data.item_index(val[ITEM].to_numpy())
     ok = (u >= 0) & (i >= 0)
     u, i = u[ok], i[ok]
-    has_history = np.diff(data.matrix().indptr) > 0
+    has_history = np.bincount(data.df["uidx"].to_numpy(), minlength=data.n_users) > 0
     keep = has_history[u]
     u, i = u[keep], i[keep]
     users = np.unique(u)
