@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from . import bench
-from .io import write_json
+from .io import read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN_PER_USER = 50.0  # mean interactions per user (log-normal activity)
@@ -184,18 +184,23 @@ def _primary(metrics: dict) -> dict:
             for m, v in metrics.items() if isinstance(v, dict)}
 
 
+def _artifact(wd: Path, stage: str, name: str) -> dict | None:
+    """A stage's JSON output in the work directory ``wd``, or None when it is not there."""
+    f = wd / "artifacts" / stage / name
+    return read_json(f) if f.is_file() else None
+
+
 def _detail(wd: Path) -> dict:
     """Inside the two largest stages of a run: fit_cf's per-model seconds and tuning, fuse's phases."""
     out = {}
-    f = wd / "artifacts" / "fit_cf" / "summary.json"
-    if f.is_file():
-        s = json.loads(f.read_text(encoding="utf-8"))
+    s = _artifact(wd, "fit_cf", "summary.json")
+    if s is not None:
         out["fit_cf"] = {"seconds": s.get("seconds"), "tuning": {
             name: {k: t.get(k) for k in ("chosen", "seconds", "results", "reused") if k in t}
             for name, t in (s.get("tuning") or {}).items()}}
-    f = wd / "artifacts" / "fuse" / "summary.json"
-    if f.is_file():
-        out["fuse"] = {"seconds": json.loads(f.read_text(encoding="utf-8")).get("seconds")}
+    s = _artifact(wd, "fuse", "summary.json")
+    if s is not None:
+        out["fuse"] = {"seconds": s.get("seconds")}
     return out
 
 
@@ -203,21 +208,18 @@ def _reuse(wd: Path) -> dict:
     """What the rerun reused: feature cache hits, encoder/ALS warm starts."""
     out = {}
     for st in ("preprocess_text", "preprocess_image", "preprocess_video"):
-        f = wd / "artifacts" / st / "meta.json"
-        if f.is_file():
-            s = json.loads(f.read_text(encoding="utf-8"))
+        s = _artifact(wd, st, "meta.json")
+        if s is not None:
             out[st] = {k: s.get(k) for k in ("n_items", "n_encoded_this_run", "n_reused_from_cache")
                        if k in s}
-    m = wd / "artifacts" / "train_encoder" / "metrics.json"
-    if m.is_file():
-        s = json.loads(m.read_text(encoding="utf-8"))
+    s = _artifact(wd, "train_encoder", "metrics.json")
+    if s is not None:
         out["train_encoder"] = {k: s.get(k) for k in ("warm_start", "epochs_run", "train_seconds")}
-    f = wd / "artifacts" / "fit_cf" / "summary.json"
-    if f.is_file():
-        out["fit_cf"] = json.loads(f.read_text(encoding="utf-8")).get("warm_start")
-    f = wd / "artifacts" / "fuse" / "summary.json"
-    if f.is_file():
-        s = json.loads(f.read_text(encoding="utf-8"))
+    s = _artifact(wd, "fit_cf", "summary.json")
+    if s is not None:
+        out["fit_cf"] = s.get("warm_start")
+    s = _artifact(wd, "fuse", "summary.json")
+    if s is not None:
         out["fuse"] = {"warm_start": s.get("warm_start"), "seconds": s.get("seconds")}
     return out
 

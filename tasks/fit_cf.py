@@ -58,9 +58,15 @@ DEFAULTS = {"models": {"popularity": {}, "itemknn": {"neighbors": 100, "shrink":
 WARM_TYPES = ("als", "bpr")  # models whose fit() takes init=previous model
 
 
+def model_type(name: str, hyper: dict | None) -> str:
+    """The registry key of model ``name``: its ``type`` hyper-parameter, else the name itself."""
+    return dict(hyper or {}).get("type", name)
+
+
 def build_model(name: str, hyper: dict | None):
     spec = dict(hyper or {})
-    kind = spec.pop("type", name)
+    kind = model_type(name, spec)
+    spec.pop("type", None)
     if kind not in REGISTRY:
         raise ValueError(f"fit_cf.models.{name}: unknown model type '{kind}' "
                          f"(known: {sorted(REGISTRY)})")
@@ -70,7 +76,7 @@ def build_model(name: str, hyper: dict | None):
 def previous_model(prev_dir: Path | None, fold: str, name: str, hyper: dict | None,
                    warm_iterations: dict) -> tuple[Recommender | None, str]:
     """The previous run's ``fold/name`` model if it can warm-start this one, and why (not)."""
-    kind = dict(hyper or {}).get("type", name)
+    kind = model_type(name, hyper)
     if kind not in WARM_TYPES or name not in (warm_iterations or {}):
         return None, "not warm-startable" if kind not in WARM_TYPES else "not in warm_iterations"
     path = None if prev_dir is None else Path(prev_dir) / fold / name
@@ -253,7 +259,7 @@ def fit_all(split: Split, params: dict, prev_dir: str | Path | None = None) -> d
             if fold == "fit" and name in tuned_fit_models:
                 models[fold][name] = tuned_fit_models[name]  # fitted on this fold while tuning
                 seconds[f"{fold}/{name}"] = 0.0
-                if dict(hyper or {}).get("type", name) in WARM_TYPES:
+                if model_type(name, hyper) in WARM_TYPES:
                     warm[f"{fold}/{name}"] = {"used": False, "reason": "tuned in this run"}
                 continue
             prev, why = (previous_model(prev_dir, fold, name, hyper, p["warm_iterations"])
@@ -266,7 +272,7 @@ def fit_all(split: Split, params: dict, prev_dir: str | Path | None = None) -> d
                                           "previous_items": len(prev.item_ids)}
             else:
                 models[fold][name] = build_model(name, hyper).fit(data)
-                if dict(hyper or {}).get("type", name) in WARM_TYPES:
+                if model_type(name, hyper) in WARM_TYPES:
                     warm[f"{fold}/{name}"] = {"used": False, "reason": why}
             seconds[f"{fold}/{name}"] = round(time.perf_counter() - t0, 3)
     return {"models": models, "seconds": seconds, "warm_start": warm, "tuning": tuning}
