@@ -136,10 +136,15 @@ DEFAULTS: dict = {
     "bagging_fraction": 0.7,  # < 1: row subsampling every iteration
     "lambda_l2": 1.0,
     "n_bags": 2,  # rankers with different seeds, averaged (merged into one model file)
+    # above this many ranker training rows (0 = no limit) one ranker is trained, not n_bags:
+    # bagging cuts variance where groups are few, its cost grows with the rows (synthetic 1M,
+    # 3.1M rows: 2 bags 0.2653 NDCG@10 vs 1 bag 0.2649, fuse 580 s vs 420 s)
+    "bag_max_rows": 1_500_000,
     "early_stopping_rounds": 50,  # 0: no early stopping (n_estimators trees, every user)
     "eval_fraction": 0.2,  # share of validation users held out for early stopping
     "eval_at": 10,
     "refit_full": True,  # refit on every validation user with the early-stopped tree count
+    "refit_max_rows": 1_500_000,  # ... only up to this many training rows (0 = no limit)
     "seed": 42,
     "num_threads": 2,
     "max_train_users": 3000,  # subsample of labelled users the ranker learns on (per fold)
@@ -1082,6 +1087,11 @@ class Ranker:
 
         seed, n_bags = int(p["seed"]), max(1, int(p["n_bags"]))
         eval_ok = len(ye) > 0 and ye.sum() > 0
+        n_rows = len(y) + len(ye)
+        large = {k: int(p.get(k) or 0) for k in ("bag_max_rows", "refit_max_rows")}
+        bags_capped = bool(large["bag_max_rows"] and n_rows > large["bag_max_rows"] and n_bags > 1)
+        if bags_capped:
+            n_bags = 1
         model = make(p["n_estimators"], seed)
         kw = {}
         if eval_ok:
@@ -1096,6 +1106,11 @@ class Ranker:
         if eval_ok:
             info["eval_ndcg"] = float(model.best_score_["valid_0"][f"ndcg@{int(p['eval_at'])}"])
         refit = bool(eval_ok and p["refit_full"])
+        if bags_capped:
+            info["bags_capped"] = f"{n_rows} training rows > bag_max_rows {large['bag_max_rows']}"
+        if refit and large["refit_max_rows"] and n_rows > large["refit_max_rows"]:
+            refit = False
+            info["refit_skipped"] = f"{n_rows} training rows > refit_max_rows {large['refit_max_rows']}"
         if refit:  # every validation user, the early-stopped number of trees
             Xa, ya = np.concatenate([X, Xe]), np.concatenate([y, ye])
             ga = np.concatenate([groups, ge])

@@ -10,7 +10,10 @@ items matrix and score ``U[u] @ V.T``.  Only the factor arrays are kept (no
   ids) get the popularity ranking.
 * ``random_state`` seeds the initialisation.  ALS is deterministic for a
   given seed whatever ``num_threads``; BPR runs lock-free parallel SGD, so it
-  is bit-for-bit reproducible only with ``num_threads=1``.
+  is bit-for-bit reproducible only with ``num_threads=1``.  BPR's
+  ``num_threads="auto"`` takes 1 thread up to ``BPR_SERIAL_MAX_ROWS``
+  training interactions (reproducible where a fit is cheap) and every core
+  above (on 2 cores, 750k interactions: 20 epochs 11.0 s -> 6.3 s).
 * Warm start: ``fit(data, init=previous_model)`` starts from an earlier
   model of the same class, aligning factors by external user/item id (new
   users/items get a fresh random init), or ``init=(U, V)`` from arrays with
@@ -30,6 +33,28 @@ from .base import Recommender
 from .knn import check_vector, popularity_prior
 
 
+BPR_SERIAL_MAX_ROWS = 250_000
+
+
+def _thread_count(value: Any, nnz: int) -> int:
+    """``num_threads`` as implicit takes it (0 = every core): an int, or "auto" (BPR)."""
+    if value == "auto":
+        return 1 if nnz <= BPR_SERIAL_MAX_ROWS else 0
+    return int(value)
+
+
+def _check_threads(value: Any) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0 or isinstance(value, bool):
+        raise ValueError(f"num_threads must be 'auto' or an integer >= 0 (0 = every core), got {value!r}")
+    return n
+
+
 class _ImplicitMF(Recommender):
     """Shared plumbing for the ``implicit`` factorisation models (not registered)."""
 
@@ -45,7 +70,7 @@ class _ImplicitMF(Recommender):
     def _factor_dim(self) -> int:
         return int(self.params["factors"])
 
-    def _make_model(self):  # pragma: no cover - abstract
+    def _make_model(self, num_threads: int):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _random_rows(self, rng: np.random.Generator, n: int, users: bool) -> np.ndarray:
@@ -93,7 +118,7 @@ class _ImplicitMF(Recommender):
         U0, V0 = self._initial_factors(data)
         # implicit warns (and slows down) when BLAS is multi-threaded on top of its own threads
         with threadpool_limits(limits=1, user_api="blas"):
-            model = self._make_model()
+            model = self._make_model(_thread_count(self.params["num_threads"], int(X.nnz)))
             if U0 is not None:
                 model.user_factors, model.item_factors = U0, V0
             model.fit(X, show_progress=False)
@@ -149,15 +174,16 @@ class ALS(_ImplicitMF):
                  iterations: int = 15, random_state: int = 42, num_threads: int = 0, **kw):
         super().__init__(factors=int(factors), regularization=float(regularization),
                          alpha=float(alpha), iterations=int(iterations),
-                         random_state=int(random_state), num_threads=int(num_threads), **kw)
+                         random_state=int(random_state), num_threads=_check_threads(num_threads),
+                         **kw)
 
-    def _make_model(self):
+    def _make_model(self, num_threads: int):
         p = self.params
         from implicit.cpu.als import AlternatingLeastSquares  # imported when fitting only
 
         return AlternatingLeastSquares(factors=p["factors"], regularization=p["regularization"],
                                        alpha=p["alpha"], iterations=p["iterations"],
-                                       random_state=p["random_state"], num_threads=p["num_threads"],
+                                       random_state=p["random_state"], num_threads=num_threads,
                                        dtype=np.float32)
 
     def _random_rows(self, rng, n, users):
@@ -170,7 +196,8 @@ class BPR(_ImplicitMF):
 
     Params: ``factors``, ``learning_rate``, ``regularization``,
     ``iterations``, ``random_state``, ``num_threads`` (0 = all; use 1 for
-    bit-for-bit reproducibility), ``verify_negative_samples``.  The stored
+    bit-for-bit reproducibility; "auto": 1 up to ``BPR_SERIAL_MAX_ROWS``
+    training interactions, all above), ``verify_negative_samples``.  The stored
     factors have ``factors + 1`` columns: implicit appends an item-bias
     column (and a constant 1 to the user factors).
     """
@@ -182,20 +209,20 @@ class BPR(_ImplicitMF):
                  verify_negative_samples: bool = True, **kw):
         super().__init__(factors=int(factors), learning_rate=float(learning_rate),
                          regularization=float(regularization), iterations=int(iterations),
-                         random_state=int(random_state), num_threads=int(num_threads),
+                         random_state=int(random_state), num_threads=_check_threads(num_threads),
                          verify_negative_samples=bool(verify_negative_samples), **kw)
 
     def _factor_dim(self) -> int:
         return int(self.params["factors"]) + 1
 
-    def _make_model(self):
+    def _make_model(self, num_threads: int):
         p = self.params
         from implicit.cpu.bpr import BayesianPersonalizedRanking  # imported when fitting only
 
         return BayesianPersonalizedRanking(
             factors=p["factors"], learning_rate=p["learning_rate"],
             regularization=p["regularization"], iterations=p["iterations"],
-            random_state=p["random_state"], num_threads=p["num_threads"],
+            random_state=p["random_state"], num_threads=num_threads,
             verify_negative_samples=p["verify_negative_samples"], dtype=np.float32)
 
     def _random_rows(self, rng, n, users):

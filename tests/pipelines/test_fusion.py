@@ -394,6 +394,25 @@ def test_ranker_learns_saves_and_reloads(tmp_path, kind):
         r.predict(X[:, :3])
 
 
+@pytest.mark.parametrize("limit,bags,refit", [(0, 2, True), (10_000, 2, True), (500, 1, False)])
+def test_large_training_sets_train_one_ranker_without_refit(limit, bags, refit):
+    pytest.importorskip("lightgbm")
+    X, y, g = ranking_data()  # 900 rows: 675 to learn on, 225 for early stopping
+    ev = g >= 45
+    p = F.resolve_params({**FAST, "n_estimators": 30, "bag_max_rows": limit, "refit_max_rows": limit})
+    r = F.Ranker.train(X[~ev], y[~ev], g[~ev], X[ev], y[ev], g[ev], ["a", "b", "c", "d"], p)
+    best = r.info["best_iteration"]
+    assert r.info["n_bags"] == bags and r.booster.num_trees() == bags * best
+    assert r.info.get("refit_full", False) is refit
+    assert ("bags_capped" in r.info) is (not refit) and ("refit_skipped" in r.info) is (not refit)
+    if not refit:  # the early-stopped model itself: what it learnt does not include the eval users
+        assert "900 training rows > bag_max_rows 500" in r.info["bags_capped"]
+        solo = F.Ranker.train(X[~ev], y[~ev], g[~ev], X[ev], y[ev], g[ev], ["a", "b", "c", "d"],
+                              {**p, "n_bags": 1, "refit_full": False, "bag_max_rows": 0,
+                               "refit_max_rows": 0})
+        np.testing.assert_array_equal(solo.predict(X), r.predict(X))
+
+
 def test_sklearn_tree_export_matches_the_model():
     from sklearn.ensemble import HistGradientBoostingClassifier
     from threadpoolctl import threadpool_limits

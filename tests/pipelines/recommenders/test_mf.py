@@ -109,3 +109,39 @@ def test_als_ndcg_on_ml100k():
     m = evaluate_model(ALS(num_threads=1), train, truth)
     assert m["n_users"] == 943
     assert m["ndcg@10"] >= 0.45, m
+
+
+def test_bpr_auto_threads_is_serial_on_small_data_and_parallel_above(monkeypatch):
+    from pipelines.recommenders import mf
+
+    assert mf._thread_count("auto", mf.BPR_SERIAL_MAX_ROWS) == 1
+    assert mf._thread_count("auto", mf.BPR_SERIAL_MAX_ROWS + 1) == 0
+    assert mf._thread_count(3, 10) == 3
+    data = planted_data()
+    kw = dict(factors=4, learning_rate=0.05, iterations=20, random_state=7)
+    a = BPR(num_threads="auto", **kw).fit(data)
+    b = BPR(num_threads=1, **kw).fit(data)
+    # below the limit: the single-threaded fit, bit for bit
+    np.testing.assert_array_equal(a.item_factors_, b.item_factors_)
+    seen = []
+    real = mf._thread_count
+    monkeypatch.setattr(mf, "_thread_count", lambda v, nnz: seen.append(real(v, nnz)) or seen[-1])
+    monkeypatch.setattr(mf, "BPR_SERIAL_MAX_ROWS", data.matrix().nnz - 1)
+    BPR(num_threads="auto", **kw).fit(data)
+    assert seen == [0]
+
+
+@pytest.mark.parametrize("bad", ["two", -1, True, None, 1.5j])
+def test_num_threads_must_be_auto_or_a_count(bad):
+    with pytest.raises(ValueError, match="num_threads must be 'auto' or an integer"):
+        BPR(num_threads=bad)
+
+
+def test_auto_threads_survive_save_and_load(tmp_path):
+    from pipelines.recommenders import Recommender
+
+    m = BPR(factors=4, iterations=3, num_threads="auto").fit(planted_data())
+    m.save(tmp_path / "bpr")
+    back = Recommender.load(tmp_path / "bpr")
+    assert back.params["num_threads"] == "auto"
+    np.testing.assert_array_equal(back.item_factors_, m.item_factors_)
