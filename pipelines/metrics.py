@@ -5,10 +5,15 @@ where ``reco`` is an int array [n_users, >=k] of recommended item indices
 (-1 = no item) and ``truth`` is a list of per-user sets of relevant item
 indices (same user order).  Binary relevance; users with an empty truth set
 are excluded by :func:`evaluate` (never counted as zero).
+
+Membership is computed vectorised (one sorted array of (user, item) codes,
+binary search), and :func:`evaluate` computes it once at the largest k and
+derives every metric at every k from it.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import numpy as np
@@ -16,42 +21,77 @@ import numpy as np
 Metric = Callable[[np.ndarray, list, int], np.ndarray]
 
 
+def _sizes(truth: list) -> np.ndarray:
+    return np.fromiter((len(t) for t in truth), dtype=np.int64, count=len(truth))
+
+
 def _hits(reco: np.ndarray, truth: list, k: int) -> np.ndarray:
-    r = reco[:, :k]
-    return np.array([[x in t for x in row] for row, t in zip(r, truth)], dtype=bool).reshape(len(truth), k)
+    """[n_users, k] bool: is reco[u, j] in truth[u]."""
+    r = np.asarray(reco)[:, :k].astype(np.int64, copy=False)
+    n = len(truth)
+    if r.shape != (n, k):
+        raise ValueError(f"reco has shape {r.shape}, expected ({n}, >={k})")
+    lens = _sizes(truth)
+    total = int(lens.sum())
+    if not total or not r.size:
+        return np.zeros((n, k), dtype=bool)
+    items = np.fromiter(itertools.chain.from_iterable(truth), dtype=np.int64, count=total)
+    # one code per (user, item); -1 (no item) is masked below
+    width = max(int(items.max()), int(r.max())) + 1
+    truth_codes = np.sort(np.repeat(np.arange(n, dtype=np.int64), lens) * width + items)
+    codes = np.arange(n, dtype=np.int64)[:, None] * width + r
+    pos = np.minimum(np.searchsorted(truth_codes, codes), total - 1)
+    return (truth_codes[pos] == codes) & (r >= 0)
 
 
-def precision(reco, truth, k):
-    return _hits(reco, truth, k).sum(1) / k
+def _precision(h: np.ndarray, sizes: np.ndarray, k: int) -> np.ndarray:
+    return h.sum(1) / k
 
 
-def recall(reco, truth, k):
-    n = np.array([len(t) for t in truth], dtype=float)
-    return _hits(reco, truth, k).sum(1) / np.maximum(n, 1)
+def _recall(h, sizes, k):
+    return h.sum(1) / np.maximum(sizes, 1)
 
 
-def ndcg(reco, truth, k):
-    h = _hits(reco, truth, k)
+def _ndcg(h, sizes, k):
     disc = 1.0 / np.log2(np.arange(2, k + 2))
     dcg = (h * disc).sum(1)
-    n = np.array([min(len(t), k) for t in truth])
-    idcg = np.array([disc[:m].sum() for m in n])
+    idcg = np.r_[0.0, np.cumsum(disc)][np.minimum(sizes, k)]
     return dcg / np.maximum(idcg, 1e-12)
 
 
-def map_(reco, truth, k):
-    h = _hits(reco, truth, k)
+def _map(h, sizes, k):
     prec = np.cumsum(h, 1) / np.arange(1, k + 1)
-    n = np.array([min(len(t), k) for t in truth], dtype=float)
-    return (prec * h).sum(1) / np.maximum(n, 1)
+    return (prec * h).sum(1) / np.maximum(np.minimum(sizes, k), 1)
+
+
+def _hitrate(h, sizes, k):
+    return h.any(1).astype(float)
+
+
+def precision(reco, truth, k):
+    return _precision(_hits(reco, truth, k), _sizes(truth), k)
+
+
+def recall(reco, truth, k):
+    return _recall(_hits(reco, truth, k), _sizes(truth), k)
+
+
+def ndcg(reco, truth, k):
+    return _ndcg(_hits(reco, truth, k), _sizes(truth), k)
+
+
+def map_(reco, truth, k):
+    return _map(_hits(reco, truth, k), _sizes(truth), k)
 
 
 def hitrate(reco, truth, k):
-    return _hits(reco, truth, k).any(1).astype(float)
+    return _hitrate(_hits(reco, truth, k), _sizes(truth), k)
 
 
 METRICS: dict[str, Metric] = {"precision": precision, "recall": recall, "ndcg": ndcg,
                                "map": map_, "hitrate": hitrate}
+_FROM_HITS = {"precision": _precision, "recall": _recall, "ndcg": _ndcg, "map": _map,
+              "hitrate": _hitrate}
 
 
 def evaluate(reco: np.ndarray, truth: list, ks, n_items: int | None = None) -> dict[str, float]:
@@ -66,9 +106,11 @@ def evaluate(reco: np.ndarray, truth: list, ks, n_items: int | None = None) -> d
         return out
     reco = np.asarray(reco)[keep]
     truth = [truth[i] for i in keep]
+    ks = list(ks)
+    hits, sizes = _hits(reco, truth, max(ks)), _sizes(truth)
     for k in ks:
-        for name, fn in METRICS.items():
-            out[f"{name}@{k}"] = float(np.mean(fn(reco, truth, k)))
+        for name, fn in _FROM_HITS.items():
+            out[f"{name}@{k}"] = float(np.mean(fn(hits[:, :k], sizes, k)))
         if n_items:
             r = reco[:, :k]
             out[f"coverage@{k}"] = float(len(np.unique(r[r >= 0])) / n_items)

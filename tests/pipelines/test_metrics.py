@@ -36,3 +36,43 @@ def test_evaluate_skips_users_without_truth_and_reports_coverage():
     assert out["hitrate@2"] == pytest.approx(1.0)
     assert out["coverage@2"] == pytest.approx(3 / 10)
     assert metrics.evaluate(reco, [set(), set(), set()], ks=[1]) == {"n_users": 0.0}
+
+
+def _naive(reco, truth, k):
+    """The textbook definitions, one user at a time (the reference for the vectorised code)."""
+    out = {m: [] for m in ("precision", "recall", "ndcg", "map", "hitrate")}
+    for row, t in zip(reco, truth):
+        hits = [int(x) >= 0 and int(x) in t for x in row[:k]]
+        out["precision"].append(sum(hits) / k)
+        out["recall"].append(sum(hits) / max(len(t), 1))
+        dcg = sum(h / np.log2(j + 2) for j, h in enumerate(hits))
+        idcg = sum(1 / np.log2(j + 2) for j in range(min(len(t), k)))
+        out["ndcg"].append(dcg / idcg if idcg else 0.0)
+        ap = sum(sum(hits[:j + 1]) / (j + 1) for j, h in enumerate(hits) if h)
+        out["map"].append(ap / max(min(len(t), k), 1))
+        out["hitrate"].append(float(any(hits)))
+    return {m: np.asarray(v) for m, v in out.items()}
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_vectorised_metrics_match_the_textbook_definitions(seed):
+    rng = np.random.default_rng(seed)
+    n, n_items, k = int(rng.integers(1, 40)), int(rng.integers(1, 30)), int(rng.integers(1, 12))
+    reco = rng.integers(-1, n_items, size=(n, k + int(rng.integers(0, 3))))
+    truth = [set(rng.choice(n_items, int(rng.integers(0, min(n_items, 8) + 1)), replace=False).tolist())
+             for _ in range(n)]
+    truth[0] = {n_items + 5}  # an item no ranking holds (larger than every recommended index)
+    want = _naive(reco, truth, k)
+    for name, fn in metrics.METRICS.items():
+        np.testing.assert_allclose(fn(reco, truth, k), want[name], atol=1e-12, err_msg=name)
+    got = metrics.evaluate(reco, truth, [1, k], n_items=n_items)
+    keep = [i for i, t in enumerate(truth) if t]
+    for name in want:
+        assert got[f"{name}@{k}"] == pytest.approx(want[name][keep].mean(), abs=1e-12)
+        assert got[f"{name}@1"] == pytest.approx(_naive(reco[keep], [truth[i] for i in keep], 1)[name].mean(),
+                                                 abs=1e-12)
+
+
+def test_a_ranking_shorter_than_k_is_refused():
+    with pytest.raises(ValueError, match="expected"):
+        metrics.ndcg(np.zeros((2, 3), np.int64), [{0}, {1}], 5)
