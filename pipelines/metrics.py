@@ -7,7 +7,7 @@ indices (same user order).  Binary relevance; users with an empty truth set
 are excluded by :func:`evaluate` (never counted as zero).
 
 Membership is computed vectorised (one sorted array of (user, item) codes,
-binary search), and :func:`evaluate` computes it once at the largest k and
+binary search; ids may be any hashable values), and :func:`evaluate` computes it once at the largest k and
 derives every metric at every k from it.
 """
 
@@ -17,6 +17,7 @@ import itertools
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 
 Metric = Callable[[np.ndarray, list, int], np.ndarray]
 
@@ -26,8 +27,13 @@ def _sizes(truth: list) -> np.ndarray:
 
 
 def _hits(reco: np.ndarray, truth: list, k: int) -> np.ndarray:
-    """[n_users, k] bool: is reco[u, j] in truth[u]."""
-    r = np.asarray(reco)[:, :k].astype(np.int64, copy=False)
+    """[n_users, k] bool: is reco[u, j] in truth[u].
+
+    Any hashable ids work (item indices, id strings; None or -1 as padding never match): the
+    truth's ids are numbered once, each recommendation looked up in that numbering (an id no
+    truth set holds gets -1), then (user, number) pairs are matched by binary search.
+    """
+    r = np.asarray(reco)[:, :k]
     n = len(truth)
     if r.shape != (n, k):
         raise ValueError(f"reco has shape {r.shape}, expected ({n}, >={k})")
@@ -35,13 +41,15 @@ def _hits(reco: np.ndarray, truth: list, k: int) -> np.ndarray:
     total = int(lens.sum())
     if not total or not r.size:
         return np.zeros((n, k), dtype=bool)
-    items = np.fromiter(itertools.chain.from_iterable(truth), dtype=np.int64, count=total)
-    # one code per (user, item); -1 (no item) is masked below
-    width = max(int(items.max()), int(r.max())) + 1
+    flat = list(itertools.chain.from_iterable(truth))
+    vocab = pd.Index(flat).unique()
+    items = vocab.get_indexer(flat).astype(np.int64)
+    rn = vocab.get_indexer(r.ravel()).astype(np.int64).reshape(n, k)
+    width = len(vocab)
     truth_codes = np.sort(np.repeat(np.arange(n, dtype=np.int64), lens) * width + items)
-    codes = np.arange(n, dtype=np.int64)[:, None] * width + r
+    codes = np.arange(n, dtype=np.int64)[:, None] * width + rn
     pos = np.minimum(np.searchsorted(truth_codes, codes), total - 1)
-    return (truth_codes[pos] == codes) & (r >= 0)
+    return (truth_codes[pos] == codes) & (rn >= 0)
 
 
 def _precision(h: np.ndarray, sizes: np.ndarray, k: int) -> np.ndarray:
@@ -112,6 +120,7 @@ def evaluate(reco: np.ndarray, truth: list, ks, n_items: int | None = None) -> d
         for name, fn in _FROM_HITS.items():
             out[f"{name}@{k}"] = float(np.mean(fn(hits[:, :k], sizes, k)))
         if n_items:
-            r = reco[:, :k]
-            out[f"coverage@{k}"] = float(len(np.unique(r[r >= 0])) / n_items)
+            r = reco[:, :k].ravel()
+            r = r[r >= 0] if np.issubdtype(r.dtype, np.integer) else r[pd.notna(r)]  # padding
+            out[f"coverage@{k}"] = float(len(pd.unique(r)) / n_items)
     return out

@@ -42,7 +42,7 @@ def _naive(reco, truth, k):
     """The textbook definitions, one user at a time (the reference for the vectorised code)."""
     out = {m: [] for m in ("precision", "recall", "ndcg", "map", "hitrate")}
     for row, t in zip(reco, truth):
-        hits = [int(x) >= 0 and int(x) in t for x in row[:k]]
+        hits = [x in t for x in row[:k]]
         out["precision"].append(sum(hits) / k)
         out["recall"].append(sum(hits) / max(len(t), 1))
         dcg = sum(h / np.log2(j + 2) for j, h in enumerate(hits))
@@ -54,14 +54,18 @@ def _naive(reco, truth, k):
     return {m: np.asarray(v) for m, v in out.items()}
 
 
+@pytest.mark.parametrize("ids", ["index", "string"])
 @pytest.mark.parametrize("seed", range(25))
-def test_vectorised_metrics_match_the_textbook_definitions(seed):
+def test_vectorised_metrics_match_the_textbook_definitions(seed, ids):
     rng = np.random.default_rng(seed)
     n, n_items, k = int(rng.integers(1, 40)), int(rng.integers(1, 30)), int(rng.integers(1, 12))
     reco = rng.integers(-1, n_items, size=(n, k + int(rng.integers(0, 3))))
     truth = [set(rng.choice(n_items, int(rng.integers(0, min(n_items, 8) + 1)), replace=False).tolist())
              for _ in range(n)]
     truth[0] = {n_items + 5}  # an item no ranking holds (larger than every recommended index)
+    if ids == "string":  # item id strings, None as padding
+        reco = np.array([[None if x < 0 else f"i{x}" for x in row] for row in reco], dtype=object)
+        truth = [{f"i{x}" for x in t} for t in truth]
     want = _naive(reco, truth, k)
     for name, fn in metrics.METRICS.items():
         np.testing.assert_allclose(fn(reco, truth, k), want[name], atol=1e-12, err_msg=name)
