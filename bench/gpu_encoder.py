@@ -9,10 +9,15 @@ Synthetic histories (random items, random lengths up to ``--seq``) are fed
 through the real training step of ``pipelines.recommenders.encoder``
 (``_make_batch`` + the module's loss + AdamW) under bf16 autocast on CUDA.
 Reported: training sequences/s, inference (user encoding) sequences/s, and
-achieved TFLOP/s from an analytic count of the matmul FLOPs (QKV/out
-projections, attention scores and values, feed-forward, softmax logits over
-the catalogue or sampled candidates; backward = 2x forward), so it is a
-lower bound on what the GPU executed.  Data preparation (numpy batching on
+achieved TFLOP/s two ways: ``train_tflops`` from an analytic count of the
+matmul FLOPs at the batches' mean input length (QKV/out projections,
+attention scores and values, feed-forward, softmax logits over the catalogue
+or sampled candidates; backward = 2x forward), a lower bound on what the
+GPU executed, and ``train_tflops_counted`` from the FLOPs that
+``torch.utils.flop_counter.FlopCounterMode`` sees when the same batches are
+run again, untimed, forward and backward (padding, the item table's content
+projections and the head included; on CPU it does not see the fused
+attention kernel).  Data preparation (numpy batching on
 the host) is included in the training timing, as in a real run; ``--prebatch``
 builds the batches first to time the device work alone.
 """
@@ -53,6 +58,25 @@ def flops_per_seq(L: int, d: int, layers: int, ff: int, n_out: float) -> float:
     return layers * per_layer + 2 * d * n_out
 
 
+def count_train_flops(model, batches, device, amp) -> float:
+    """FLOPs of forward + backward over ``batches`` as FlopCounterMode counts them (untimed)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipelines.features import autocast
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for batch in batches:
+            with autocast(device, amp):
+                loss = model(batch)
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return float(counter.get_total_flops())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=50_000)
@@ -70,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prebatch", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes")
+    ap.add_argument("--no-count", dest="count", action="store_false",
+                    help="skip the FlopCounterMode pass (train_tflops_counted)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.tiny:
@@ -118,6 +144,7 @@ def main(argv=None) -> int:
     pre = list(batches(total)) if args.prebatch else None
     it = iter(pre) if pre is not None else batches(total)
     tok_sum, seq_sum, out_sum = 0, 0, 0.0
+    timed_batches = []  # kept for the untimed FLOP count
     t0 = None
     model.train()
     for s in range(total):
@@ -131,6 +158,8 @@ def main(argv=None) -> int:
         loss.backward()
         opt.step()
         if s >= args.warmup:
+            if args.count:
+                timed_batches.append(batch)
             B, W = batch["tokens"].shape
             seq_sum += B
             tok_sum += B * (W + 1)
@@ -140,6 +169,8 @@ def main(argv=None) -> int:
     mean_len = tok_sum / max(seq_sum, 1) - 1
     f_fwd = flops_per_seq(int(round(mean_len)), args.d_model, args.layers, 2, out_sum / max(seq_sum, 1))
     train_flops = 3 * f_fwd * seq_sum
+    counted_flops = count_train_flops(model, timed_batches, device, amp) if args.count else None
+    del timed_batches
 
     # inference: encode users at full length
     model.eval()
@@ -174,6 +205,9 @@ def main(argv=None) -> int:
         "train_sequences_per_s": round(seq_sum / train_s, 1),
         "train_tokens_per_s": round(tok_sum / train_s, 1),
         "train_tflops": float(f"{train_flops / train_s / 1e12:.4g}"),
+        "train_flops_analytic": float(f"{train_flops:.6g}"),
+        "train_tflops_counted": None if counted_flops is None else float(f"{counted_flops / train_s / 1e12:.4g}"),
+        "train_flops_counted": None if counted_flops is None else float(f"{counted_flops:.6g}"),
         "infer_sequences_per_s": round(n_inf / inf_s, 1),
         "infer_tflops": float(f"{inf_flops / inf_s / 1e12:.4g}"),
         "mean_input_len": round(mean_len, 1), "final_loss": round(float(loss.detach()), 4),
