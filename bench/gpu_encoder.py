@@ -19,7 +19,8 @@ run again, untimed, forward and backward (padding, the item table's content
 projections and the head included; on CPU it does not see the fused
 attention kernel).  Data preparation (numpy batching on
 the host) is included in the training timing, as in a real run; ``--prebatch``
-builds the batches first to time the device work alone.
+builds the batches first to time the device work alone; otherwise they are
+made as ``train_encoder`` makes them, ``--prefetch`` ahead in a thread.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines.recommenders.encoder import (DEFAULTS, _Histories, _make_batch,  # noqa: E402
-                                            build_module)
+                                            build_module, prefetch_depth, training_batches)
 
 
 def synth(n_users: int, n_items: int, seq: int, seed: int = 0) -> _Histories:
@@ -91,7 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--full-softmax-max", type=int, default=20_000)
     ap.add_argument("--negatives", type=int, default=8192)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--prebatch", action="store_true")
+    ap.add_argument("--prebatch", action="store_true", help="make every batch before timing (device work alone)")
+    ap.add_argument("--prefetch", default="auto", type=lambda v: v if v == "auto" else int(v),
+                    help="batches made ahead in a thread, as train_encoder.prefetch_batches (auto: 2 on CUDA)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes")
     ap.add_argument("--no-count", dest="count", action="store_false",
@@ -131,18 +134,23 @@ def main(argv=None) -> int:
     attrs = rng.integers(0, 4, (args.users, 2)).astype(np.int64)
     cross = rng.integers(0, 1024, (args.users, 1)).astype(np.int64)
 
-    def batches(n):
-        for s in range(n):
-            users = rng.integers(0, args.users, args.batch)
-            yield _make_batch(users, hist, attrs, cross, rng, p, args.items, device)
+    cpu = torch.device("cpu")
+
+    def batches(n, depth):
+        """As the training loop makes them: on the host, ``depth`` ahead in a thread (pinned,
+        asynchronous copies on CUDA)."""
+        chunks = [rng.integers(0, args.users, args.batch) for _ in range(n)]
+        make = lambda users: _make_batch(users, hist, attrs, cross, rng, p, args.items, cpu)  # noqa: E731
+        return training_batches(chunks, make, depth, device)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     total = args.warmup + args.steps
-    pre = list(batches(total)) if args.prebatch else None
-    it = iter(pre) if pre is not None else batches(total)
+    depth = prefetch_depth(args.prefetch, device)
+    pre = list(batches(total, 0)) if args.prebatch else None
+    it = iter(pre) if pre is not None else batches(total, depth)
     tok_sum, seq_sum, out_sum = 0, 0, 0.0
     timed_batches = []  # kept for the untimed FLOP count
     t0 = None
@@ -198,7 +206,7 @@ def main(argv=None) -> int:
     res = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": str(amp).replace("torch.", "") if amp else "fp32", "compile": args.compile,
-        "prebatch": args.prebatch,
+        "prebatch": args.prebatch, "prefetch": 0 if args.prebatch else prefetch_depth(args.prefetch, device),
         "config": {k: getattr(args, k) for k in ("users", "items", "seq", "d_model", "layers", "heads", "batch",
                                                   "steps")},
         "softmax": "full" if args.items <= args.full_softmax_max else f"sampled({args.negatives})",

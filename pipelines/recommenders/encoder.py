@@ -148,6 +148,9 @@ DEFAULTS: dict[str, Any] = {
     "patience": 5, "eval_k": 20, "min_epochs": 1,
     "ema": 0.995,                 # >0: evaluate / export an exponential moving average of the weights
     "seed": 42, "device": "auto", "precision": "auto", "compile": False, "threads": 0,
+    # training batches made this many steps ahead in a background thread (pinned memory and
+    # asynchronous copies on CUDA); the same batches as made inline. "auto": 2 on CUDA, 0 on CPU
+    "prefetch_batches": "auto",
     "deterministic": True, "max_train_seconds": 0,
     # after early stopping on the val fold, retrain on every training row for the best epoch count
     "refit": True, "refit_tolerance": 0.01,  # relative: see refit_epochs()
@@ -641,6 +644,90 @@ def _make_batch(users: np.ndarray, hist: _Histories, attrs: np.ndarray, crosses:
     return batch
 
 
+def prefetch_depth(value, device) -> int:
+    """Batches made ahead for ``prefetch_batches`` (``"auto"``: 2 on CUDA, 0 elsewhere)."""
+    if value == "auto":
+        return 2 if device.type == "cuda" else 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"train_encoder.prefetch_batches must be 'auto' or an integer >= 0, got {value!r}")
+    return value
+
+
+def _pin(batch: dict) -> dict:
+    torch = _torch()
+    return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _to_device(batch: dict, device, pinned: bool) -> dict:
+    """The batch's tensors on ``device``; asynchronous copies when they are in pinned memory."""
+    torch = _torch()
+    return {k: v.to(device, non_blocking=pinned) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def training_batches(chunks: list, make, depth: int, device):
+    """Yield ``make(chunk)`` for each chunk (skipping ``None``), on ``device``.
+
+    ``make`` builds CPU tensors.  With ``depth`` > 0 a background thread makes
+    the batches, in order, at most ``depth`` ahead of the consumer, so host-side
+    batching overlaps the training step; on CUDA they are pinned by the thread
+    and copied with ``non_blocking``.  The thread is the only user of ``make``'s
+    random generator while it runs, so the batches are the ones made inline.
+    An exception in the thread is raised here; closing the generator (the
+    consumer stops or fails) stops the thread.
+    """
+    pin = device.type == "cuda"
+    move = device.type != "cpu"
+    if depth <= 0:
+        for c in chunks:
+            b = make(c)
+            if b is not None:
+                yield _to_device(_pin(b) if pin else b, device, pin) if move else b
+        return
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for c in chunks:
+                if stop.is_set():
+                    return
+                b = make(c)
+                if b is not None:
+                    if pin:
+                        b = _pin(b)
+                    if not put(("batch", b)):
+                        return
+            put(("end", None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put(("error", exc))
+
+    t = threading.Thread(target=work, name="encoder-batches", daemon=True)
+    t.start()
+    try:
+        while True:
+            kind, b = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise b
+            yield _to_device(b, device, pin) if move else b
+    finally:
+        stop.set()
+        t.join()
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 class Checkpointer:
@@ -1091,6 +1178,8 @@ class EncoderRecommender(Recommender):
         best_state = None
         ema = float(p["ema"])
         ema_state = {k: v.detach().clone() for k, v in model.named_parameters()} if ema > 0 else None
+        cpu = torch.device("cpu")
+        depth = prefetch_depth(p["prefetch_batches"], device)
         eval_model = build_module(arch).to(device) if ema > 0 else model
         resumed_from = 0
         if self._workdir is not None:
@@ -1111,6 +1200,9 @@ class EncoderRecommender(Recommender):
                 resumed_from = int(state["epoch"])
                 log.info("resumed from checkpoint at epoch %d", resumed_from)
 
+        if ema_state is not None:  # the parameters and their averages, in the same order
+            param_list = [v for _, v in model.named_parameters()]
+            ema_list = [ema_state[k] for k, _ in model.named_parameters()]
         val_truth = _truth_keys(val_df, data.n_items)
         has_val = len(val_df) > 0
         p_run = dict(p)
@@ -1141,10 +1233,10 @@ class EncoderRecommender(Recommender):
             bs = int(p["batch_size"])
             for g in opt.param_groups:
                 g["lr"] = _lr_at(p, epoch)
-            for chunk in _length_batches(order, np.diff(hist_fit.offsets), bs, rng):
-                batch = _make_batch(chunk, hist_fit, codes, cross, rng, p_run, data.n_items, device)
-                if batch is None:
-                    continue
+            chunks = _length_batches(order, np.diff(hist_fit.offsets), bs, rng)
+            make = lambda c: _make_batch(c, hist_fit, codes, cross, rng, p_run,  # noqa: E731
+                                         data.n_items, cpu)
+            for batch in training_batches(chunks, make, depth, device):
                 with autocast(device, amp):
                     loss = train_model(batch)
                 opt.zero_grad(set_to_none=True)
@@ -1158,12 +1250,13 @@ class EncoderRecommender(Recommender):
                     # rerun: NDCG@10 0.4475 -> 0.4191)
                     decay = ema if warm_info["used"] else \
                         min(ema, (1.0 + state["step"]) / (10.0 + state["step"]))
-                    with torch.no_grad():
-                        for k, v in model.named_parameters():
-                            ema_state[k].mul_(decay).add_(v.detach(), alpha=1.0 - decay)
+                    with torch.no_grad():  # one kernel per op for all tensors
+                        torch._foreach_mul_(ema_list, decay)
+                        torch._foreach_add_(ema_list, param_list, alpha=1.0 - decay)
                 state["step"] = int(state["step"]) + 1
-                losses.append(float(loss.detach()))
-            train_loss = float(np.mean(losses)) if losses else float("nan")
+                losses.append(loss.detach())  # no host sync per step
+            train_loss = float(np.mean(torch.stack(losses).double().cpu().numpy())) if losses \
+                else float("nan")
             rec = {"epoch": epoch, "loss": train_loss}
             if is_main:
                 if ema_state is not None:  # evaluate (and keep) the moving average of the weights

@@ -51,5 +51,9 @@ def test_encoder_benchmark_trains_and_counts_flops(tmp_path):
     ratio = res["train_tflops_counted"] / res["train_tflops"]
     assert ratio == pytest.approx(res["train_flops_counted"] / res["train_flops_analytic"], rel=0.01)
 
-    res2 = _run("gpu_encoder.py", ["--tiny", "--no-count"], tmp_path / "e2.json")
+    assert res["prefetch"] == 0  # auto on CPU
+    # batches made ahead in a thread, as train_encoder makes them: the same batches, the same run
+    res2 = _run("gpu_encoder.py", ["--tiny", "--no-count", "--prefetch", "2"], tmp_path / "e2.json")
+    assert res2["prefetch"] == 2
     assert res2["train_tflops_counted"] is None and res2["train_flops_counted"] is None
+    assert res2["final_loss"] == res["final_loss"]

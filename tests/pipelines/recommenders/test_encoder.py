@@ -465,3 +465,116 @@ def test_fit_variant_scores_from_the_fit_rows_alone(tmp_path):
     plain = fit(Interactions(data.df.drop(columns="fold"), data.user_ids, data.item_ids), users, feat,
                 epochs=1)
     assert plain.fit_model_ is None
+
+
+# ------------------------------------------------------------------ prefetched training batches
+
+def _numbered_make(log):
+    """A batch maker with state like the real one: a random generator used in call order."""
+    import torch
+
+    rng = np.random.default_rng(5)
+
+    def make(chunk):
+        log.append(int(chunk[0]))
+        if chunk[0] % 4 == 3:  # no user with a history: no batch
+            return None
+        return {"tokens": torch.as_tensor(rng.integers(0, 100, (2, 3))), "chunk": int(chunk[0]),
+                "n_rows": 2.0}
+    return make
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_prefetched_batches_are_the_inline_batches_in_order(depth):
+    import torch
+
+    from pipelines.recommenders.encoder import training_batches
+
+    chunks = [np.array([c]) for c in range(11)]
+    inline = list(training_batches(chunks, _numbered_make([]), 0, torch.device("cpu")))
+    ahead = list(training_batches(chunks, _numbered_make([]), depth, torch.device("cpu")))
+    assert [b["chunk"] for b in inline] == [c for c in range(11) if c % 4 != 3]
+    assert [b["chunk"] for b in ahead] == [b["chunk"] for b in inline]
+    for a, b in zip(inline, ahead):
+        assert torch.equal(a["tokens"], b["tokens"]) and a["n_rows"] == b["n_rows"]
+
+
+def _batch_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "encoder-batches"]
+
+
+def test_prefetch_error_reaches_the_training_loop_and_the_thread_ends():
+    import torch
+
+    from pipelines.recommenders.encoder import training_batches
+
+    def make(chunk):
+        if chunk[0] == 2:
+            raise OSError("disk gone at chunk 2")
+        return {"chunk": int(chunk[0])}
+
+    seen = []
+    with pytest.raises(OSError, match="disk gone at chunk 2"):
+        for b in training_batches([np.array([c]) for c in range(6)], make, 2, torch.device("cpu")):
+            seen.append(b["chunk"])
+    assert seen == [0, 1]
+    assert not _batch_threads()
+
+
+def test_a_training_loop_that_stops_early_stops_the_thread():
+    import torch
+
+    from pipelines.recommenders.encoder import training_batches
+
+    log: list[int] = []
+    gen = training_batches([np.array([c]) for c in range(1000)], _numbered_make(log), 2, torch.device("cpu"))
+    for b in gen:
+        if b["chunk"] == 4:
+            break
+    gen.close()  # what leaving the loop does when the generator is collected (a failing step)
+    assert not _batch_threads()
+    assert max(log) <= 4 + 2 + 1  # made at most `depth` (+ the one in hand) ahead, not all 1000
+
+
+def test_prefetch_depth_setting():
+    import torch
+
+    from pipelines.recommenders.encoder import prefetch_depth
+
+    assert prefetch_depth("auto", torch.device("cpu")) == 0
+    assert prefetch_depth("auto", torch.device("cuda")) == 2
+    assert prefetch_depth(3, torch.device("cpu")) == 3
+    for bad in (-1, "2", True, 1.5):
+        with pytest.raises(ValueError, match="prefetch_batches"):
+            prefetch_depth(bad, torch.device("cpu"))
+
+
+def test_training_with_prefetched_batches_gives_the_same_model():
+    data, users, feat = blocks()
+    a = fit(data, users, feat, epochs=3, prefetch_batches=0)
+    b = fit(data, users, feat, epochs=3, prefetch_batches=2)
+    for k in a.weights_:
+        assert np.array_equal(a.weights_[k], b.weights_[k]), k
+    assert np.array_equal(a.user_vecs_, b.user_vecs_)
+    # losses and val metrics too (not the seconds)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in a.train_info_["history"]] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in b.train_info_["history"]]
+
+
+@pytest.mark.gpu
+def test_prefetched_batches_arrive_on_cuda_unchanged():
+    import torch
+
+    from pipelines.recommenders.encoder import training_batches
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    chunks = [np.array([c]) for c in range(7)]
+    cpu = list(training_batches(chunks, _numbered_make([]), 0, torch.device("cpu")))
+    for depth in (0, 2):
+        got = list(training_batches(chunks, _numbered_make([]), depth, torch.device("cuda")))
+        assert [b["chunk"] for b in got] == [b["chunk"] for b in cpu]
+        for a, b in zip(cpu, got):
+            assert b["tokens"].is_cuda and torch.equal(a["tokens"], b["tokens"].cpu())
