@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     res = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": str(amp).replace("torch.", "") if amp else "fp32", "compile": args.compile,
-        "prebatch": args.prebatch, "prefetch": 0 if args.prebatch else prefetch_depth(args.prefetch, device),
+        "prebatch": args.prebatch, "prefetch": 0 if args.prebatch else depth,
         "config": {k: getattr(args, k) for k in ("users", "items", "seq", "d_model", "layers", "heads", "batch",
                                                   "steps")},
         "softmax": "full" if args.items <= args.full_softmax_max else f"sampled({args.negatives})",

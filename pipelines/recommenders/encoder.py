@@ -677,11 +677,16 @@ def training_batches(chunks: list, make, depth: int, device):
     """
     pin = device.type == "cuda"
     move = device.type != "cpu"
+    prepare = _pin if pin else (lambda b: b)  # host side: in the thread when there is one
+
+    def on_device(b: dict) -> dict:
+        return _to_device(b, device, pin) if move else b
+
     if depth <= 0:
         for c in chunks:
             b = make(c)
             if b is not None:
-                yield _to_device(_pin(b) if pin else b, device, pin) if move else b
+                yield on_device(prepare(b))
         return
     import queue
     import threading
@@ -704,11 +709,8 @@ def training_batches(chunks: list, make, depth: int, device):
                 if stop.is_set():
                     return
                 b = make(c)
-                if b is not None:
-                    if pin:
-                        b = _pin(b)
-                    if not put(("batch", b)):
-                        return
+                if b is not None and not put(("batch", prepare(b))):
+                    return
             put(("end", None))
         except BaseException as exc:  # handed to the consumer, which raises it
             put(("error", exc))
@@ -722,7 +724,7 @@ def training_batches(chunks: list, make, depth: int, device):
                 return
             if kind == "error":
                 raise b
-            yield _to_device(b, device, pin) if move else b
+            yield on_device(b)
     finally:
         stop.set()
         t.join()
