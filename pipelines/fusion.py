@@ -99,6 +99,10 @@ DEFAULTS: dict = {
     "raw_scores": False,  # also give each source's raw score (its scale differs fit vs full)
     "cold_user_max": 5,  # users with at most this many interactions: cold (no model features)
     "user_neighbors": 50,  # cooc_user source: neighbours per user
+    # cooc_user: above this many users, neighbours are chosen among this many users with the
+    # longest histories (0 = every user): exact neighbours cost users x users, which made this
+    # source the largest share of the test-time scoring at 100,000 users (see UserKNNScorer)
+    "user_neighbor_pool": 20000,
     # training-time cold-start simulation (no leakage: moved fit rows become labels and the
     # fitted models are never used on the simulated pairs): share of warm items whose fit rows
     # are moved out of the training context, share of validation users truncated to
@@ -205,6 +209,8 @@ def resolve_params(params: dict | None) -> dict:
     if p["model_cold_users"] and not p["refit_sources"]:
         raise ValueError("fuse.model_cold_users needs fuse.refit_sources: the fit-fold models saw "
                          "the hidden rows of the simulated cold users (leakage)")
+    if int(p["user_neighbor_pool"]) < 0:
+        raise ValueError(f"fuse.user_neighbor_pool must be >= 0, got {p['user_neighbor_pool']}")
     if int(p["cv_folds"]) < 1:
         raise ValueError(f"fuse.cv_folds must be >= 1, got {p['cv_folds']}")
     if not 0.0 <= float(p["eval_fraction"]) < 1.0:
@@ -709,28 +715,48 @@ class ModelSource:
 
 
 class UserKNNScorer:
-    """User-based kNN on the context rows: cosine to every user, top-k neighbours, their items."""
+    """User-based kNN on the context rows: cosine to every user, top-k neighbours, their items.
 
-    def __init__(self, X: sp.csr_matrix, k: int, cold: np.ndarray):
+    With ``pool`` > 0 and more users than that, the neighbours are chosen among the ``pool``
+    users with the longest histories (ties: lower index), the rule of
+    :class:`~pipelines.recommenders.userknn.UserKNN` (``max_candidates``): a batch of B users
+    then costs B x pool similarities instead of B x users, so scoring every user grows
+    linearly with their number.  Otherwise (the default up to 20,000 users) it is exact.
+    """
+
+    def __init__(self, X: sp.csr_matrix, k: int, cold: np.ndarray, pool: int = 0):
+        nu = X.shape[0]
+        if int(pool) < 0:
+            raise ValueError(f"fuse.user_neighbor_pool must be >= 0, got {pool}")
         self.X = X
-        self.XT = X.T.tocsr()
         self.norm = np.sqrt(np.asarray(X.sum(axis=1)).ravel()).astype(np.float32)
+        self.pool = None
+        if 0 < int(pool) < nu:
+            self.pool = np.sort(np.argsort(-np.diff(X.indptr), kind="stable")[:int(pool)])
+        self.Xp = X if self.pool is None else X[self.pool].tocsr()
+        self.XpT = self.Xp.T.tocsr()
+        self.norm_p = self.norm if self.pool is None else self.norm[self.pool]
         self.k, self.cold = max(1, int(k)), cold
 
     def __call__(self, uidx: np.ndarray) -> np.ndarray:
-        B, nu = len(uidx), self.X.shape[0]
-        sims = np.asarray((self.X[uidx] @ self.XT).toarray(), dtype=np.float32)
-        denom = self.norm[uidx][:, None] * self.norm[None, :]
+        B, n_p = len(uidx), self.Xp.shape[0]
+        sims = np.asarray((self.X[uidx] @ self.XpT).toarray(), dtype=np.float32)
+        denom = self.norm[uidx][:, None] * self.norm_p[None, :]
         np.divide(sims, denom, out=sims, where=denom > 0)
-        sims[np.arange(B), uidx] = 0.0
-        k = min(self.k, nu)
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < nu else \
-            np.tile(np.arange(nu), (B, 1))
+        if self.pool is None:
+            sims[np.arange(B), uidx] = 0.0
+        elif n_p:  # a user in the pool is not its own neighbour
+            pos = np.minimum(np.searchsorted(self.pool, uidx), n_p - 1)
+            own = self.pool[pos] == uidx
+            sims[np.nonzero(own)[0], pos[own]] = 0.0
+        k = min(self.k, n_p)
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n_p else \
+            np.tile(np.arange(n_p), (B, 1))
         vals = np.take_along_axis(sims, top, axis=1)
         keep = vals > 0
         W = sp.csr_matrix((vals[keep], (np.broadcast_to(np.arange(B)[:, None], top.shape)[keep],
-                                        top[keep])), shape=(B, nu))
-        sc = np.asarray((W @ self.X).toarray(), dtype=np.float32)
+                                        top[keep])), shape=(B, n_p))
+        sc = np.asarray((W @ self.Xp).toarray(), dtype=np.float32)
         sc[:, self.cold] = -np.inf
         return sc
 
@@ -781,7 +807,8 @@ def make_sources(models: dict[str, Recommender], ctx: Context, items: ItemSide,
 
         srcs.append(Source("cooc_item", n_candidates(p, "cooc_item"), cooc_item))
         srcs.append(Source("cooc_user", n_candidates(p, "cooc_user"),
-                           UserKNNScorer(ctx.X, int(p["user_neighbors"]), ctx.cold)))
+                           UserKNNScorer(ctx.X, int(p["user_neighbors"]), ctx.cold,
+                                         int(p["user_neighbor_pool"]))))
     seg_pop = np.where(ctx.pop[None, :] > 0, ctx.seg_pop, -np.inf).astype(np.float32)
     srcs.append(Source("segment_pop", n_candidates(p, "segment_pop"),
                        lambda uidx: seg_pop[users.seg[uidx]].copy()))

@@ -562,6 +562,42 @@ def test_cooc_sources_match_brute_force(blocks):
         np.testing.assert_allclose(src["cooc_user"].score(np.array([uu]))[0], want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("pool", [0, 5, 12, 40])
+def test_user_neighbours_come_from_the_pool_of_the_most_active_users(pool):
+    rng = np.random.default_rng(pool)
+    nu, ni, k = 40, 400, 4  # many items: no tied similarities at the k-th neighbour
+    X = (rng.random((nu, ni)) < rng.uniform(0.05, 0.6, nu)[:, None]).astype(np.float32)
+    X[7] = 0  # a user without history
+    cold = np.zeros(ni, bool)
+    cold[[3, 11]] = True
+    X[:, cold] = 0
+    n = X.sum(1)
+    # the pool: the `pool` users with the longest histories, ties to the lower index
+    members = np.sort(np.argsort(-n, kind="stable")[:pool]) if 0 < pool < nu else np.arange(nu)
+    scorer = F.UserKNNScorer(sp.csr_matrix(X), k, cold, pool)
+    norm = np.sqrt(n)
+    sims = (X @ X.T) / np.maximum(norm[:, None] * norm[None, :], 1e-12)
+    np.fill_diagonal(sims, 0)
+    got = scorer(np.arange(nu))
+    for u in range(nu):
+        cand = sims[u, members]
+        top = members[np.argsort(-cand, kind="stable")[:k]]
+        top = top[sims[u, top] > 0]
+        want = (sims[u, top][:, None] * X[top]).sum(0)
+        want[cold] = -np.inf
+        np.testing.assert_allclose(got[u], want, rtol=1e-5, atol=1e-6)
+        if 0 < pool < nu:  # every neighbour's items come from pool members only
+            outside = np.setdiff1d(np.arange(nu), members)
+            solo = X[outside].sum(0) > 0
+            solo &= X[members].sum(0) == 0
+            assert (got[u][solo & ~cold] == 0).all()
+
+
+def test_user_neighbor_pool_rejects_negative_sizes():
+    with pytest.raises(ValueError, match="user_neighbor_pool"):
+        F.resolve_params({"user_neighbor_pool": -1})
+
+
 # --------------------------------------------------------------------------- cold-start simulation
 
 def test_training_world_moves_rows_into_labels_without_leaking_model_knowledge(tmp_path):
