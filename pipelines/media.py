@@ -33,6 +33,7 @@ import io
 import math
 import os
 import stat
+import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -183,6 +184,14 @@ def check_formats(formats) -> list[str] | None:
     return fmts
 
 
+# what Pillow's decoders raise on malformed bytes (not a catch-all: a MemoryError or a bug of
+# ours still propagates).  TypeError: a TIFF whose StripOffsets tag is typed RATIONAL makes
+# Pillow seek to an IFDRational (found by test_damaged_images_decode_or_fail_with_a_reason);
+# struct.error / IndexError / KeyError: short or inconsistent tag tables.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, ZeroDivisionError, TypeError,
+                 IndexError, KeyError, struct.error)
+
+
 def decode_image(data: bytes, *, max_pixels: int = 40_000_000,
                  formats: tuple[str, ...] | list[str] | None = DEFAULT_IMAGE_FORMATS,
                  draft_size: int | None = None) -> DecodedImage:
@@ -208,7 +217,7 @@ def decode_image(data: bytes, *, max_pixels: int = 40_000_000,
                                  {"format": sniffed}) from exc
             raise MediaError("unsupported-format", "not a recognised image"
                              + (f" (allowed {', '.join(fmts)})" if fmts else "")) from exc
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        except DECODE_ERRORS as exc:
             raise MediaError("corrupt", f"{type(exc).__name__}: {exc}") from exc
     fmt = str(im.format or "")
     width, height = im.size
@@ -228,7 +237,7 @@ def decode_image(data: bytes, *, max_pixels: int = 40_000_000,
             im = _to_rgb(im)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise MediaError("decompression-bomb", str(exc), info) from exc
-        except (OSError, SyntaxError, ValueError, EOFError, ZeroDivisionError) as exc:
+        except DECODE_ERRORS as exc:
             msg = f"{type(exc).__name__}: {exc}"
             reason = "truncated" if "truncat" in str(exc).lower() else "corrupt"
             raise MediaError(reason, msg, info) from exc

@@ -293,6 +293,26 @@ def test_damaged_images_decode_or_fail_with_a_reason(fmt, data):
     event(f"{fmt}: decoded")
 
 
+def test_tiff_with_rational_strip_offsets_is_corrupt_not_a_crash():
+    # found by the property test above (CI of 39435fe): a StripOffsets tag typed RATIONAL made
+    # Pillow raise TypeError from im.load(), which escaped decode_image and would have stopped
+    # preprocess_image instead of recording the item as missing with a reason
+    raw = bytearray(IMAGE_SEEDS["TIFF"])
+    assert raw[:4] == b"II*\x00"
+    ifd = struct.unpack_from("<I", raw, 4)[0]
+    patched = 0
+    for k in range(struct.unpack_from("<H", raw, ifd)[0]):
+        off = ifd + 2 + 12 * k
+        tag, _typ, count, value = struct.unpack_from("<HHII", raw, off)
+        if tag == 273:  # StripOffsets: LONG -> RATIONAL (8 bytes at the old offset)
+            struct.pack_into("<HHII", raw, off, tag, 5, count, value)
+            patched += 1
+    assert patched == 1
+    with pytest.raises(MediaError) as exc:
+        decode_image(bytes(raw))
+    assert exc.value.reason == "corrupt" and "TypeError" in str(exc.value)
+
+
 @functools.lru_cache(maxsize=1)
 def video_seeds() -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as d:
