@@ -793,6 +793,70 @@ def test_cold_ranker_learns_on_the_cold_groups_only():
     assert none is None and why["reason"] == "cold_ranker is off"
 
 
+def _label_count_conflict(n_few: int = 100, n_many: int = 150, many: int = 20, size: int = 40):
+    """Groups with 1 label whose positive is marked by feature 0, and groups with ``many``
+    labels whose positives are marked by feature 1 (each group's other rows carry the other
+    pattern as a decoy, the rest are blank)."""
+    rng = np.random.default_rng(0)
+    X, y, g, n_truth = [], [], [], []
+    for gid in range(n_few + n_many):
+        few = gid < n_few
+        n_pos = 1 if few else many
+        pos_col, neg_col = (0, 1) if few else (1, 0)
+        rows = np.zeros((size, 2), np.float32)
+        rows[:n_pos, pos_col] = 1.0
+        rows[n_pos:2 * n_pos, neg_col] = 1.0
+        rows += rng.normal(0, 0.01, rows.shape).astype(np.float32)
+        X.append(rows)
+        y.append((np.arange(size) < n_pos).astype(np.float32))
+        g.append(np.full(size, gid))
+        n_truth.append(n_pos)
+    return np.concatenate(X), np.concatenate(y), np.concatenate(g), np.array(n_truth)
+
+
+@pytest.mark.parametrize("kind", ["lightgbm", "sklearn"])
+def test_group_weights_shift_the_ranker_towards_users_with_few_labels(kind):
+    X, y, g, n_truth = _label_count_conflict()
+    probe = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)  # feature 0's pattern, feature 1's
+    none = np.zeros((0, 2), np.float32)
+    prefer, margin = {}, {}
+    for power in (0.0, 1.0):
+        p = F.resolve_params({**FAST, "ranker": kind, "n_estimators": 60, "early_stopping_rounds": 0,
+                              "n_bags": 1, "group_weight_power": power})
+        r = F.Ranker.train(X, y, g, none, np.zeros(0), np.zeros(0, np.int64), ["f0", "f1"], p,
+                           F.group_weights(n_truth, power))
+        sc = r.predict(probe)
+        prefer[power] = "few" if sc[0] > sc[1] else "many"
+        margin[power] = sc[0] - sc[1]
+        assert r.info["group_weight_power"] == power
+    assert margin[1.0] > margin[0.0]  # the weights move the order towards the one-label groups
+    if kind == "lightgbm":
+        # listwise: unweighted, the more numerous many-label groups win; weighted by
+        # 1 / n_labels each of them counts 1/20 and the one-label groups' pattern ranks first
+        # (the pointwise sklearn fallback counts rows, so there the shift stays partial)
+        assert prefer == {0.0: "many", 1.0: "few"}
+
+
+def test_group_weights_are_a_power_of_the_label_count_with_mean_one():
+    n = np.array([0, 1, 4, 16])
+    assert F.group_weights(n, 0.0) is None
+    w = F.group_weights(n, 0.5)
+    np.testing.assert_allclose(w[1:] / w[1], [1.0, 0.5, 0.25])
+    assert w[1:].mean() == pytest.approx(1.0)
+
+
+def test_cold_ranker_params_merge_into_their_default_and_are_checked():
+    p = F.resolve_params({"cold_ranker_params": {"num_leaves": 7}})
+    assert p["cold_ranker_params"] == {"group_weight_power": 0.5, "num_leaves": 7}
+    assert F.resolve_params({})["group_weight_power"] == 0.0
+    assert F.resolve_params({"cold_ranker_params": {"group_weight_power": 0}})[
+        "cold_ranker_params"]["group_weight_power"] == 0
+    with pytest.raises(ValueError, match="cold_ranker_params.group_weight_power"):
+        F.resolve_params({"cold_ranker_params": {"group_weight_power": -1}})
+    with pytest.raises(ValueError, match="fuse.group_weight_power"):
+        F.resolve_params({"group_weight_power": 3})
+
+
 class _ColumnRanker:
     """A stand-in ranker scoring by +/- one feature column."""
 
