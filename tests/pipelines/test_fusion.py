@@ -846,11 +846,17 @@ def test_group_weights_are_a_power_of_the_label_count_with_mean_one():
 
 
 def test_cold_ranker_params_merge_into_their_default_and_are_checked():
-    p = F.resolve_params({"cold_ranker_params": {"num_leaves": 7}})
-    assert p["cold_ranker_params"] == {"group_weight_power": 0.5, "num_leaves": 7}
+    default = dict(F.DEFAULTS["cold_ranker_params"])
+    try:  # a default entry survives a user's partial override
+        F.DEFAULTS["cold_ranker_params"] = {"group_weight_power": 0.5}
+        p = F.resolve_params({"cold_ranker_params": {"num_leaves": 7}})
+        assert p["cold_ranker_params"] == {"group_weight_power": 0.5, "num_leaves": 7}
+        assert F.resolve_params({"cold_ranker_params": {"group_weight_power": 0}})[
+            "cold_ranker_params"]["group_weight_power"] == 0
+    finally:
+        F.DEFAULTS["cold_ranker_params"] = default
     assert F.resolve_params({})["group_weight_power"] == 0.0
-    assert F.resolve_params({"cold_ranker_params": {"group_weight_power": 0}})[
-        "cold_ranker_params"]["group_weight_power"] == 0
+    assert F.resolve_params({})["cold_ranker_params"] == default
     with pytest.raises(ValueError, match="cold_ranker_params.group_weight_power"):
         F.resolve_params({"cold_ranker_params": {"group_weight_power": -1}})
     with pytest.raises(ValueError, match="fuse.group_weight_power"):
