@@ -739,13 +739,10 @@ class UserKNNScorer:
     """
 
     def __init__(self, X: sp.csr_matrix, k: int, cold: np.ndarray, pool: int = 0):
-        nu = X.shape[0]
-        if int(pool) < 0:
-            raise ValueError(f"fuse.user_neighbor_pool must be >= 0, got {pool}")
         self.X = X
         self.norm = np.sqrt(np.asarray(X.sum(axis=1)).ravel()).astype(np.float32)
         self.pool = None
-        if 0 < int(pool) < nu:
+        if 0 < int(pool) < X.shape[0]:  # (fuse.user_neighbor_pool is checked in resolve_params)
             self.pool = np.sort(np.argsort(-np.diff(X.indptr), kind="stable")[:int(pool)])
         self.Xp = X if self.pool is None else X[self.pool].tocsr()
         self.XpT = self.Xp.T.tocsr()
