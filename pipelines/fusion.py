@@ -1099,6 +1099,8 @@ class Ranker:
         self.kind, self.features = kind, list(features)
         self.booster, self.trees = booster, trees
         self.info = dict(info or {})
+        # held-out users' scores from before a refit on every user (set by training; not saved)
+        self.heldout_pred: np.ndarray | None = None
 
     # ---- training --------------------------------------------------------
     @classmethod
@@ -1175,7 +1177,12 @@ class Ranker:
                       sample_weight=None if gw is None else gw[ga])
             strings.append(m.booster_.model_to_string(num_iteration=best))
         text = strings[0] if n_bags == 1 else merge_lgb_models(strings)
-        return cls("lightgbm", features, booster=lgb.Booster(model_str=text), info=info)
+        out = cls("lightgbm", features, booster=lgb.Booster(model_str=text), info=info)
+        # the early-stopped model's scores of the held-out users, before any refit learns on
+        # them (diagnostics only, never saved)
+        out.heldout_pred = (np.asarray(model.predict(Xe, num_iteration=best), dtype=np.float64)
+                            if eval_ok else None)
+        return out
 
     @classmethod
     def _train_sklearn(cls, X, y, Xe, ye, features, p, sample_weight=None) -> "Ranker":
@@ -1635,8 +1642,16 @@ def train_ranker(ts: dict, names: list[str], sources: list[str], p: dict) -> tup
         ue, Xe, ye = users[is_eval], X[is_eval], y[is_eval]
         n_truth = ts["n_truth"][np.unique(ue)]
         k = int(p["eval_at"])
-        # note: after refit_full the hybrid has also learnt on these users (optimistic)
-        diag[f"eval_ndcg@{k}"] = {"hybrid": group_ndcg(ue, ranker.predict(Xe), ye, n_truth, k)}
+        # "hybrid": the ranker before it saw these users (they only chose its tree count);
+        # after refit_full the saved ranker has learnt on them too: that figure is in-sample
+        refit = bool(ranker.info.get("refit_full"))
+        held = getattr(ranker, "heldout_pred", None)
+        if held is None and not refit:
+            held = ranker.predict(Xe)
+        scores = {} if held is None else {"hybrid": group_ndcg(ue, held, ye, n_truth, k)}
+        if refit:
+            scores["hybrid_refit_in_sample"] = group_ndcg(ue, ranker.predict(Xe), ye, n_truth, k)
+        diag[f"eval_ndcg@{k}"] = scores
         for s in sources:
             col = names.index(f"{s}_z")
             diag[f"eval_ndcg@{k}"][s] = group_ndcg(ue, Xe[:, col], ye, n_truth, k)

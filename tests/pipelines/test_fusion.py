@@ -413,6 +413,34 @@ def test_large_training_sets_train_one_ranker_without_refit(limit, bags, refit):
         np.testing.assert_array_equal(solo.predict(X), r.predict(X))
 
 
+def _ranking_set(n_groups=60, size=15):
+    X, y, g = ranking_data(n_groups=n_groups, size=size)
+    return {"users": g, "items": np.tile(np.arange(size), n_groups), "X": X, "y": y,
+            "cold": np.zeros(len(y), bool), "n_truth": np.bincount(g, weights=y).astype(np.int64),
+            "n_users": n_groups}
+
+
+@pytest.mark.parametrize("kind", ["lightgbm", "sklearn"])
+def test_the_inner_evaluation_of_the_hybrid_is_held_out_even_after_the_refit(kind):
+    if kind == "lightgbm":
+        pytest.importorskip("lightgbm")
+    ts, names = _ranking_set(), ["a", "b", "c", "d"]
+    p = F.resolve_params({**FAST, "ranker": kind, "n_estimators": 30, "eval_fraction": 0.3})
+    ranker, diag = F.train_ranker(ts, names, [], p)
+    plain, diag_plain = F.train_ranker(ts, names, [], {**p, "refit_full": False})
+    held, plain_held = diag["eval_ndcg@10"], diag_plain["eval_ndcg@10"]
+    # the figure is the early-stopped model's, which never learnt on the eval users: the
+    # refit (LightGBM: every user, the saved model) changes the saved ranker, not the figure
+    assert held["hybrid"] == pytest.approx(plain_held["hybrid"], abs=1e-12)
+    assert "hybrid_refit_in_sample" not in plain_held
+    if kind == "lightgbm":
+        assert ranker.info.get("refit_full") and not plain.info.get("refit_full")
+        assert not np.array_equal(ranker.predict(ts["X"]), plain.predict(ts["X"]))
+        assert "hybrid_refit_in_sample" in held
+    else:  # the scikit-learn fallback never refits: its saved model is the held-out one
+        assert "hybrid_refit_in_sample" not in held
+
+
 def test_sklearn_tree_export_matches_the_model():
     from sklearn.ensemble import HistGradientBoostingClassifier
     from threadpoolctl import threadpool_limits
