@@ -1178,10 +1178,11 @@ class Ranker:
             strings.append(m.booster_.model_to_string(num_iteration=best))
         text = strings[0] if n_bags == 1 else merge_lgb_models(strings)
         out = cls("lightgbm", features, booster=lgb.Booster(model_str=text), info=info)
-        # the early-stopped model's scores of the held-out users, before any refit learns on
-        # them (diagnostics only, never saved)
+        # with a refit: the early-stopped model's scores of the held-out users, before the
+        # refit learnt on them (diagnostics only, never saved); without one the saved ranker
+        # (every bag) never saw them
         out.heldout_pred = (np.asarray(model.predict(Xe, num_iteration=best), dtype=np.float64)
-                            if eval_ok else None)
+                            if refit else None)
         return out
 
     @classmethod
