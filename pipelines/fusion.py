@@ -1646,10 +1646,8 @@ def train_ranker(ts: dict, names: list[str], sources: list[str], p: dict) -> tup
         # "hybrid": the ranker before it saw these users (they only chose its tree count);
         # after refit_full the saved ranker has learnt on them too: that figure is in-sample
         refit = bool(ranker.info.get("refit_full"))
-        held = getattr(ranker, "heldout_pred", None)
-        if held is None and not refit:
-            held = ranker.predict(Xe)
-        scores = {} if held is None else {"hybrid": group_ndcg(ue, held, ye, n_truth, k)}
+        held = ranker.heldout_pred if refit else ranker.predict(Xe)
+        scores = {"hybrid": group_ndcg(ue, held, ye, n_truth, k)}
         if refit:
             scores["hybrid_refit_in_sample"] = group_ndcg(ue, ranker.predict(Xe), ye, n_truth, k)
         diag[f"eval_ndcg@{k}"] = scores
