@@ -321,7 +321,7 @@ def dense_topk_sim(E: np.ndarray, k: int, memory_mb: int = 256) -> sp.csr_matrix
         stop = min(n, start + block)
         sims = E @ E[start:stop].T  # n x b
         sims[start + np.arange(stop - start), np.arange(stop - start)] = 0.0
-        top = np.argpartition(-sims, k - 1, axis=0)[:k]
+        top = topk(sims.T, k).T  # k x b (equal similarities: the lower index, on any CPU)
         tv = np.take_along_axis(sims, top, axis=0)
         keep = tv > 0
         rows.append(top[keep])
@@ -761,8 +761,7 @@ class UserKNNScorer:
             own = self.pool[pos] == uidx
             sims[np.nonzero(own)[0], pos[own]] = 0.0
         k = min(self.k, n_p)
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n_p else \
-            np.tile(np.arange(n_p), (B, 1))
+        top = topk(sims, k)
         vals = np.take_along_axis(sims, top, axis=1)
         keep = vals > 0
         W = sp.csr_matrix((vals[keep], (np.broadcast_to(np.arange(B)[:, None], top.shape)[keep],

@@ -191,12 +191,41 @@ def _load_seen(path: Path, shape: tuple[int, int], config: Path) -> sp.csr_matri
 
 
 def topk(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest per row, sorted descending (deterministic)."""
-    n = scores.shape[1]
-    if k >= n:
-        part = np.tile(np.arange(n), (scores.shape[0], 1))
+    """Indices of the k largest per row, sorted descending; equal scores by ascending index.
+
+    The result depends on the values alone, not on the machine: NumPy's partition and sort
+    kernels differ between CPUs (its AVX-512 ones order equal keys differently from the
+    AVX2 ones), so ties are settled here explicitly.  NaN ranks below every number.
+    """
+    s = np.asarray(scores)
+    if s.ndim != 2:
+        raise ValueError(f"topk expects a 2-d array, got shape {s.shape}")
+    B, n = s.shape
+    k = max(0, min(int(k), n))
+    if k == 0:
+        return np.zeros((B, 0), dtype=np.int64)
+    if s.dtype.kind == "f" and np.isnan(s).any():
+        s = np.where(np.isnan(s), -np.inf, s)
+    if k == n:
+        part = np.broadcast_to(np.arange(n, dtype=np.int64), (B, n))
     else:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    vals = np.take_along_axis(scores, part, axis=1)
-    order = np.argsort(-vals, axis=1, kind="stable")
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k].astype(np.int64, copy=False)
+        kth = np.take_along_axis(s, part, axis=1).min(axis=1)
+        # rows where more than k items reach the k-th value: the partition chose among equals
+        # in a machine-dependent way; keep the smallest indices among them
+        amb = np.nonzero((s >= kth[:, None]).sum(axis=1) > k)[0]
+        if amb.size:
+            sa, ka = s[amb], kth[amb][:, None]
+            ra, ca = np.nonzero(sa > ka)
+            rt, ct = np.nonzero(sa == ka)  # row-major: each row's equals by ascending index
+            need = k - np.bincount(ra, minlength=len(amb))
+            nth = np.arange(len(rt)) - np.searchsorted(rt, rt)  # position among the row's equals
+            keep = nth < need[rt]
+            rows = np.concatenate([ra, rt[keep]])
+            cols = np.concatenate([ca, ct[keep]])
+            order = np.lexsort((cols, rows))
+            part = part.copy()
+            part[amb] = cols[order].reshape(len(amb), k)
+    vals = np.take_along_axis(s, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)  # score descending, then index ascending
     return np.take_along_axis(part, order, axis=1)

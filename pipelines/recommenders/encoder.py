@@ -108,7 +108,7 @@ import pandas as pd
 from ..data import Interactions
 from ..io import atomic_path
 from ..schema import RATING, TS, USER
-from .base import Recommender
+from .base import Recommender, topk
 
 log = logging.getLogger("mmrec.encoder")
 
@@ -1619,9 +1619,7 @@ def _val_metrics(U: np.ndarray, V: np.ndarray, b: np.ndarray, hist_fit: _Histori
         lens = hist_fit.offsets[bu + 1] - starts
         within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
         scores[np.repeat(np.arange(len(bu)), lens), hist_fit.items[np.repeat(starts, lens) + within]] = -np.inf
-        t = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(scores, t, 1), axis=1, kind="stable")
-        top[s:s + len(bu)] = np.take_along_axis(t, order, 1)
+        top[s:s + len(bu)] = topk(scores, k)
     hits = np.isin(users[:, None] * n_items + top, truth_keys)
     n_true = np.bincount(np.searchsorted(users, truth_keys // n_items), minlength=len(users))
     disc = 1.0 / np.log2(np.arange(2, k + 2))

@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..data import Interactions, item_popularity
-from .base import Recommender
+from .base import Recommender, topk
 
 FEATURE_WEIGHTINGS = ("none", "tfidf", "bm25")
 _BLOCK_BYTES = 256 * 2**20  # dense scratch per block (float32 dots + sims)
@@ -116,7 +116,7 @@ def cosine_topk(X: sp.csr_matrix, neighbors: int, shrink: float = 0.0,
             self_hit = cand[pos] == tgt
             sims[np.nonzero(self_hit)[0], pos[self_hit]] = 0.0
         if k < m:
-            top = np.argpartition(sims, m - k, axis=1)[:, m - k:]  # b x k
+            top = topk(sims, k)  # b x k (equal similarities: the lower index, on any CPU)
         else:
             top = np.broadcast_to(np.arange(m), (b, m))
         tv = np.take_along_axis(sims, top, axis=1)
