@@ -442,6 +442,35 @@ def test_the_inner_evaluation_of_the_hybrid_is_held_out_even_after_the_refit(kin
         assert "hybrid_refit_in_sample" not in held
 
 
+@pytest.mark.parametrize("kind", ["lightgbm", "sklearn"])
+def test_too_few_held_out_users_train_every_tree_on_every_user(kind):
+    if kind == "lightgbm":
+        pytest.importorskip("lightgbm")
+    ts, names = _ranking_set(), ["a", "b", "c", "d"]  # 54 users with a label: 16 held out
+    base = {**FAST, "ranker": kind, "n_estimators": 30, "eval_fraction": 0.3, "n_bags": 1}
+    stopped, d_stop = F.train_ranker(ts, names, [], F.resolve_params(
+        {**base, "early_stopping_min_users": 16}))
+    full, d_full = F.train_ranker(ts, names, [], F.resolve_params(
+        {**base, "early_stopping_min_users": 17}))
+    assert d_stop["n_eval_groups"] == 16 and "early_stopping_skipped" not in d_stop
+    assert stopped.info["early_stopping"] is True
+    assert d_full["n_eval_groups"] == 0 and "eval_ndcg@10" not in d_full
+    assert "16 held-out users < early_stopping_min_users=17" in d_full["early_stopping_skipped"]
+    assert full.info["early_stopping"] is False and full.info["best_iteration"] == 30
+    if kind == "lightgbm":
+        assert full.booster.num_trees() == 30
+    # the same as switching early stopping off: every user, n_estimators trees
+    off, _ = F.train_ranker(ts, names, [], F.resolve_params({**base, "early_stopping_rounds": 0}))
+    np.testing.assert_array_equal(full.predict(ts["X"]), off.predict(ts["X"]))
+
+
+def test_early_stopping_min_users_must_not_be_negative():
+    with pytest.raises(ValueError, match="fuse.early_stopping_min_users must be >= 0"):
+        F.resolve_params({"early_stopping_min_users": -1})
+    with pytest.raises(ValueError, match="cold_ranker_params.early_stopping_min_users"):
+        F.resolve_params({"cold_ranker_params": {"early_stopping_min_users": -5}})
+
+
 def test_sklearn_tree_export_matches_the_model():
     from sklearn.ensemble import HistGradientBoostingClassifier
     from threadpoolctl import threadpool_limits
