@@ -222,6 +222,9 @@ def resolve_params(params: dict | None) -> dict:
         if "group_weight_power" in key and not 0.0 <= float(key["group_weight_power"]) <= 2.0:
             raise ValueError(f"{where}.group_weight_power must be in [0, 2], got "
                              f"{key['group_weight_power']}")
+        if "early_stopping_min_users" in key and int(key["early_stopping_min_users"]) < 0:
+            raise ValueError(f"{where}.early_stopping_min_users must be >= 0, got "
+                             f"{key['early_stopping_min_users']}")
     if p["ranker"] not in ("auto", "lightgbm", "sklearn"):
         raise ValueError(f"fuse.ranker must be auto, lightgbm or sklearn, got {p['ranker']!r}")
     if p["objective"] not in ("lambdarank", "rank_xendcg"):
@@ -233,10 +236,6 @@ def resolve_params(params: dict | None) -> dict:
                          "the hidden rows of the simulated cold users (leakage)")
     if int(p["user_neighbor_pool"]) < 0:
         raise ValueError(f"fuse.user_neighbor_pool must be >= 0, got {p['user_neighbor_pool']}")
-    for where, q in (("fuse", p), ("fuse.cold_ranker_params", p.get("cold_ranker_params") or {})):
-        if "early_stopping_min_users" in q and int(q["early_stopping_min_users"]) < 0:
-            raise ValueError(f"{where}.early_stopping_min_users must be >= 0, got "
-                             f"{q['early_stopping_min_users']}")
     if int(p["cv_folds"]) < 1:
         raise ValueError(f"fuse.cv_folds must be >= 1, got {p['cv_folds']}")
     if not 0.0 <= float(p["eval_fraction"]) < 1.0:
