@@ -38,7 +38,7 @@ run: venv $(DEMO)/ratings.csv
 	@echo "Results:"
 	@echo "  metrics     reports/evaluate/metrics.json   (report: reports/evaluate/report.md)"
 	@test ! -d artifacts/build_profiles || echo "  profiles    artifacts/build_profiles/profiles.parquet  (try: python -m pipelines profile <user_id>)"
-	@test ! -d artifacts/fuse || echo "  top-K recs  artifacts/fuse/recommendations.parquet"
+	@test ! -d artifacts/fuse || echo "  top-K recs  artifacts/fuse/recommendations.parquet  (try: python -m pipelines recommend <user_id>)"
 	@echo "  validation  reports/validate/index.html"
 	@echo
 	@python -m pipelines metrics reports/evaluate/metrics.json

@@ -1,6 +1,6 @@
 """``python -m pipelines <command>``: the project's command line.
 
-Commands: generate-demo, validate, profile, metrics, dvc-yaml, stages, run-stage.
+Commands: generate-demo, validate, profile, recommend, metrics, dvc-yaml, stages, run-stage.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def main(argv=None) -> int:
         "generate-demo": ("pipelines.demo", "main"),
         "validate": ("tasks.validate", "cli"),
         "profile": ("pipelines.profiles", "profile_cli"),
+        "recommend": ("pipelines.recs", "recommend_cli"),
         "run-stage": ("pipelines.runner", "main"),
     }
     if not argv or argv[0] in ("-h", "--help"):
