@@ -121,3 +121,19 @@ class Split:
 
     def val(self) -> pd.DataFrame:
         return self.train[self.train["fold"] == "val"]
+
+
+def item_titles(split_dir, item_ids) -> dict[str, str]:
+    """``{item_id: title}`` for the given ids, read from the split's ``items.parquet`` (only the
+    two columns); empty when there is no such file, no ``title`` column or no id asked for."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    path = Path(split_dir) / "items.parquet"
+    wanted = {str(i) for i in item_ids}
+    if not wanted or not path.is_file() or "title" not in pq.read_schema(path).names:
+        return {}
+    it = pq.read_table(path, columns=[ITEM, "title"]).to_pandas()
+    it = it[it[ITEM].astype(str).isin(wanted)]
+    return dict(zip(it[ITEM].astype(str), it["title"].astype(str)))

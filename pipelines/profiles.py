@@ -650,15 +650,9 @@ def profile_cli(argv=None) -> int:
     if args.json:
         print(json.dumps(to_records(table.slice(0, 1))[0], indent=2, default=str))
         return 0
-    titles = {}
-    items_path = Path(args.split) / "items.parquet"
-    if items_path.is_file() and rec.get("shaping_items"):
-        cols = pq.read_schema(items_path).names
-        if "title" in cols:
-            it = pq.read_table(items_path, columns=[ITEM, "title"]).to_pandas()
-            it = it[it[ITEM].astype(str).isin(rec["shaping_items"])]
-            titles = dict(zip(it[ITEM].astype(str), it["title"].astype(str)))
-    print(render_card(rec, titles))
+    from .data import item_titles
+
+    print(render_card(rec, item_titles(args.split, rec.get("shaping_items") or [])))
     return 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
+from .data import item_titles
 from .schema import ITEM, USER
 
 REC_COLUMNS = [USER, ITEM, "rank", "score", "reason", "sources"]
@@ -46,15 +47,6 @@ def render(rows: list[dict], user_id: str) -> str:
     return "\n".join(lines)
 
 
-def _titles(split_dir: Path, items: list[str]) -> dict[str, str]:
-    path = split_dir / "items.parquet"
-    if not items or not path.is_file() or "title" not in pq.read_schema(path).names:
-        return {}
-    it = pq.read_table(path, columns=[ITEM, "title"]).to_pandas()
-    it = it[it[ITEM].astype(str).isin(items)]
-    return dict(zip(it[ITEM].astype(str), it["title"].astype(str)))
-
-
 def recommend_cli(argv=None) -> int:
     """``python -m pipelines recommend USER_ID [-k K] [--recs DIR] [--split DIR] [--json]``."""
     ap = argparse.ArgumentParser(prog="python -m pipelines recommend",
@@ -78,7 +70,7 @@ def recommend_cli(argv=None) -> int:
         return 2
     recs = table.to_pandas()
     rows = user_list(recs, args.user_id, args.k,
-                     _titles(Path(args.split), recs[ITEM].astype(str).tolist()))
+                     item_titles(args.split, recs[ITEM].astype(str).tolist()))
     print(json.dumps(rows, indent=2) if args.json else render(rows, args.user_id))
     return 0
 
