@@ -966,3 +966,35 @@ def test_fuse_trains_a_cold_ranker_when_cold_users_are_simulated(tmp_path):
     off = F.fuse(split, fit, full, None, None, {**p, "cold_ranker": False})
     assert off["cold_ranker"] is None and not off["summary"]["cold_ranker"]["used"]
     assert off["summary"]["test"]["users_ranked_by_cold_ranker"] == 0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_stratified_cold_item_draw_takes_one_item_per_popularity_range(seed):
+    items = np.array([f"i{k:03d}" for k in range(100)], dtype=object)
+    pop = np.random.default_rng(99).permutation(100) + 1  # distinct popularity 1..100
+    got = F._draw_cold_items(items, pop, 10, "stratified", np.random.default_rng(seed))
+    assert len(got) == len(set(got)) == 10 and list(got) == sorted(got)
+    ranks = np.argsort(np.argsort(-pop))  # 0 = most popular
+    blocks = np.sort(ranks[[int(g[1:]) for g in got]] // 10)
+    np.testing.assert_array_equal(blocks, np.arange(10))  # one from each tenth of the ranking
+    again = F._draw_cold_items(items, pop, 10, "stratified", np.random.default_rng(seed))
+    np.testing.assert_array_equal(got, again)
+
+
+def test_uniform_cold_item_draw_is_the_plain_random_draw():
+    items = np.array([f"i{k:03d}" for k in range(100)], dtype=object)
+    pop = np.arange(100) + 1
+    ranks = 99 - np.arange(100)
+    uneven = 0
+    for seed in range(8):
+        got = F._draw_cold_items(items, pop, 10, "uniform", np.random.default_rng(seed))
+        expect = np.sort(np.random.default_rng(seed).choice(items, 10, replace=False))
+        np.testing.assert_array_equal(got, expect)
+        uneven += len(set(ranks[[int(g[1:]) for g in got]] // 10)) < 10
+    assert uneven  # a random draw leaves some popularity ranges out: what stratifying removes
+    assert len(F._draw_cold_items(items, pop, 0, "stratified", np.random.default_rng(0))) == 0
+
+
+def test_cold_item_draw_must_be_known():
+    with pytest.raises(ValueError, match="cold_item_draw"):
+        F.resolve_params({"cold_item_draw": "popular"})
