@@ -83,7 +83,7 @@ import scipy.sparse as sp
 
 from .data import Interactions, Split
 from .recommenders.base import Recommender, topk
-from .schema import ITEM, RATING, TS, USER
+from .schema import ITEM, RATING, RECOMMENDATION_COLUMNS, TS, USER
 
 log = logging.getLogger("mmrec.fusion")
 
@@ -1912,7 +1912,7 @@ def recommend_all(ranker: Ranker, fb: FeatureBuilder, user_idx: np.ndarray, p: d
     t_reason = time.perf_counter() - t0
     table = pd.DataFrame({USER: fb.users.user_ids[u].astype(str), ITEM: fb.items.item_ids[i].astype(str),
                           "rank": r.astype(np.int64), "score": s.astype(np.float64),
-                          "reason": reasons, "sources": srcs})
+                          "reason": reasons, "sources": srcs})[list(RECOMMENDATION_COLUMNS)]
     stats = {"candidates_per_user": _describe(np.concatenate(n_cand) if n_cand else []),
              "users_ranked_by_cold_ranker": int(n_cold_scored),
              "seconds_predict": round(t_pred, 3), "seconds_reasons": round(t_reason, 3)}

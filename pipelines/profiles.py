@@ -60,6 +60,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from .data import item_titles
 from .schema import ITEM, LIST_SEP, RATING, TS, USER
 
 DEFAULTS: dict[str, Any] = {
@@ -650,8 +651,6 @@ def profile_cli(argv=None) -> int:
     if args.json:
         print(json.dumps(to_records(table.slice(0, 1))[0], indent=2, default=str))
         return 0
-    from .data import item_titles
-
     print(render_card(rec, item_titles(args.split, rec.get("shaping_items") or [])))
     return 0
 

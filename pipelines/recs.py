@@ -15,16 +15,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from .data import item_titles
-from .schema import ITEM, USER
-
-REC_COLUMNS = [USER, ITEM, "rank", "score", "reason", "sources"]
+from .schema import ITEM, RECOMMENDATION_COLUMNS, USER
 
 
 def user_list(recs: pd.DataFrame, user_id: str, k: int, titles: dict[str, str] | None = None) -> list[dict]:
     """The user's first ``k`` recommendations in rank order, each with its title (or id)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    missing = [c for c in REC_COLUMNS if c not in recs.columns]
+    missing = [c for c in RECOMMENDATION_COLUMNS if c not in recs.columns]
     if missing:
         raise ValueError(f"recommendations lack the columns {missing}")
     mine = recs[recs[USER].astype(str) == str(user_id)].sort_values("rank", kind="stable").head(k)

@@ -39,6 +39,8 @@ OPTIONAL_TABLES = {"users"}
 TEXT_COLUMNS = ("title", "description", "genres", "director", "writer", "cast")
 MEDIA_COLUMNS = ("image", "video")
 LIST_SEP = "|"
+# the fuse stage's recommendations.parquet, one row per (user, recommended item)
+RECOMMENDATION_COLUMNS = (USER, ITEM, "rank", "score", "reason", "sources")
 
 
 class DataContractError(ValueError):
