@@ -55,6 +55,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .recommenders.base import topk
+
 # --------------------------------------------------------------------------- topics
 
 
@@ -599,10 +601,7 @@ def _top_k_rows(keys: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray
     kmax = int(k.max()) if len(k) else 0
     if kmax == 0:
         return np.zeros((keys.shape[0], 0), np.int64), np.zeros((keys.shape[0], 0), bool)
-    n_cols = keys.shape[1]
-    part = np.argpartition(keys, n_cols - kmax, axis=1)[:, n_cols - kmax:]
-    order = np.argsort(-np.take_along_axis(keys, part, axis=1), axis=1, kind="stable")
-    idx = np.take_along_axis(part, order, axis=1)
+    idx = topk(keys, kmax)  # sorted by key; equal keys by the lower index on every CPU
     valid = np.arange(kmax)[None, :] < k[:, None]
     return idx, valid
 
