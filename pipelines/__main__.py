@@ -35,7 +35,6 @@ def _stages(argv) -> int:
     from . import graph
 
     for name in graph.topological():
-        s = graph.by_name()[name]
         ups = sorted(u for u, d in graph.edges() if d == name)
         print(f"{name:<18} <- {', '.join(ups) or '-'}")
     return 0

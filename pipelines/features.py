@@ -402,3 +402,16 @@ def cell_float(value) -> float:
     """A possibly-null numeric cell as float (NaN for null)."""
     s = cell_str(value)
     return float(s) if s else float("nan")
+
+
+def nullable_ints(values: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """Float values (NaN = unknown) as a nullable ``Int32`` column."""
+    return pd.array([None if np.isnan(v) else int(v) for v in values], dtype="Int32")
+
+
+def stack_vectors(n: int, dim: int, vectors: dict[int, np.ndarray]) -> np.ndarray:
+    """``[n, dim]`` float32 embeddings: row ``i`` = ``vectors[i]``, zeros where absent."""
+    emb = np.zeros((n, dim), np.float32)
+    for i, v in vectors.items():
+        emb[i] = v
+    return emb

@@ -10,7 +10,7 @@ stage from it; tests prove all three agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 DATA = "${data.path}"  # DVC template: the dataset directory from params.yaml
@@ -23,6 +23,7 @@ class Stage:
     deps: tuple[str, ...]  # data inputs (paths)
     outs: tuple[str, ...]  # outputs (paths); persisted, written atomically
     code: tuple[str, ...] = ()  # shared modules under pipelines/ it imports
+    task_code: tuple[str, ...] = ()  # helper modules under tasks/ it imports (besides _cli.py)
     extra_params: tuple[str, ...] = ()  # dotted keys of other sections (e.g. data.path)
     metrics: tuple[str, ...] = ()
     plots: tuple[str | dict, ...] = ()
@@ -44,12 +45,14 @@ class Stage:
 
     @property
     def code_deps(self) -> list[str]:
-        return [f"tasks/{self.name}.py"] + [f"pipelines/{c}" for c in self.code]
+        return ([f"tasks/{self.name}.py"] + [f"tasks/{t}" for t in self.task_code]
+                + [f"pipelines/{c}" for c in self.code])
 
 
 BASE_CODE = ("io.py", "schema.py", "data.py")
 FEATURE_DIRS = ("artifacts/preprocess_text", "artifacts/preprocess_image", "artifacts/preprocess_video")
 FEATURE_CODE = ("io.py", "schema.py", "features.py", "encoders.py")
+FEATURE_TASK_CODE = ("_feature_stage.py",)
 
 STAGES: list[Stage] = [
     Stage(
@@ -75,6 +78,7 @@ STAGES: list[Stage] = [
         deps=("artifacts/validate",),
         outs=("artifacts/preprocess_text",),
         code=FEATURE_CODE,
+        task_code=FEATURE_TASK_CODE,
         heavy=True,
     ),
     Stage(
@@ -83,6 +87,7 @@ STAGES: list[Stage] = [
         deps=("artifacts/validate", DATA),
         outs=("artifacts/preprocess_image",),
         code=FEATURE_CODE + ("media.py",),
+        task_code=FEATURE_TASK_CODE,
         heavy=True,
     ),
     Stage(
@@ -91,6 +96,7 @@ STAGES: list[Stage] = [
         deps=("artifacts/validate", DATA),
         outs=("artifacts/preprocess_video",),
         code=FEATURE_CODE + ("media.py",),
+        task_code=FEATURE_TASK_CODE,
         heavy=True,
     ),
     Stage(
@@ -121,7 +127,7 @@ STAGES: list[Stage] = [
               "encoder": "artifacts/train_encoder", "out": "artifacts/build_profiles"},
         deps=("artifacts/split", "artifacts/train_encoder") + FEATURE_DIRS,
         outs=("artifacts/build_profiles",),
-        code=BASE_CODE + ("profiles.py", "features.py"),
+        code=BASE_CODE + ("profiles.py", "features.py", "recommenders"),
     ),
     Stage(
         name="fuse",
@@ -152,7 +158,7 @@ STAGES: list[Stage] = [
               "recs": "artifacts/fuse", "out": "artifacts/publish"},
         deps=("reports/evaluate/metrics.json", "artifacts/build_profiles", "artifacts/fuse"),
         outs=("artifacts/publish",),
-        code=("io.py", "schema.py", "publish_s3.py"),
+        code=("io.py", "schema.py", "publish_s3.py", "privacy.py"),
         metrics=("artifacts/publish/decision.json",),
     ),
 ]

@@ -33,14 +33,12 @@ from pipelines.features import (
     cell_str,
     content_hash,
     l2_normalise,
-    load_items,
-    prepare_cpu_runtime,
+    nullable_ints,
     progress,
     set_threads,
+    stack_vectors,
     summarise,
-    write_features,
 )
-from pipelines.io import atomic_path, load_params
 from pipelines.media import (
     DEFAULT_IMAGE_FORMATS,
     MediaError,
@@ -50,7 +48,7 @@ from pipelines.media import (
 )
 from pipelines.schema import ITEM
 
-from ._cli import parser, run_main
+from ._feature_stage import feature_stage_main
 
 log = logging.getLogger("mmrec.preprocess_image")
 
@@ -170,11 +168,8 @@ def preprocess_image(items: pd.DataFrame, media_root: str | Path, params: dict[s
         flush()
 
     dim = encoder.dim if encoder is not None else backbone_dim(p["backbone"])
-    emb = np.zeros((n, dim), np.float32)
-    for i, v in vectors.items():
-        emb[i] = v
-    extra = {"width": pd.array([None if np.isnan(v) else int(v) for v in width], dtype="Int32"),
-             "height": pd.array([None if np.isnan(v) else int(v) for v in height], dtype="Int32"),
+    emb = stack_vectors(n, dim, vectors)
+    extra = {"width": nullable_ints(width), "height": nullable_ints(height),
              "format": pd.array(fmt, dtype="string")}
     table = build_table(item_ids, emb, present, reasons, hashes, model_id, extra=extra)
     meta = summarise(table, dim=dim, model_id=model_id, n_encoded=n_encoded, n_reused=n_reused,
@@ -184,26 +179,8 @@ def preprocess_image(items: pd.DataFrame, media_root: str | Path, params: dict[s
 
 
 def main(argv=None) -> int:
-    ap = parser(STAGE, __doc__)
-    ap.add_argument("--data", required=True, help="validated dataset dir (artifacts/validate)")
-    ap.add_argument("--media-root", required=True, help="dataset dir the image paths are relative to")
-    ap.add_argument("--out", required=True, help="output dir (artifacts/preprocess_image)")
-    args = ap.parse_args(argv)
-    prepare_cpu_runtime()
-
-    def body():
-        params = {**DEFAULTS, **load_params(STAGE, args.params)}
-        items = load_items(args.data)
-        cache = FeatureCache.load(args.out, enabled=bool(params["cache"]))
-        res = preprocess_image(items, args.media_root, params, cache=cache)
-        with atomic_path(args.out, is_dir=True) as tmp:
-            write_features(tmp, res["features"], res["meta"])
-        m = res["meta"]
-        print(f"{STAGE}: {m['n_present']}/{m['n_items']} items with an image, "
-              f"{m['n_encoded_this_run']} encoded, {m['n_reused_from_cache']} from cache, "
-              f"missing {m['missing_reasons']}, {m['seconds']:.1f}s")
-
-    return run_main(body)
+    return feature_stage_main(argv, stage=STAGE, doc=__doc__, defaults=DEFAULTS, noun="an image",
+                              compute=preprocess_image, media_root=True)
 
 
 if __name__ == "__main__":

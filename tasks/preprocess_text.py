@@ -35,16 +35,12 @@ from pipelines.features import (
     build_table,
     cell_str,
     content_hash,
-    load_items,
-    prepare_cpu_runtime,
     set_threads,
     summarise,
-    write_features,
 )
-from pipelines.io import atomic_path, load_params
 from pipelines.schema import ITEM, LIST_SEP
 
-from ._cli import parser, run_main
+from ._feature_stage import feature_stage_main
 
 log = logging.getLogger("mmrec.preprocess_text")
 
@@ -236,27 +232,13 @@ def _model_id_only(p: dict[str, Any]) -> str:
         return str(p["model"])
 
 
+def _write_keywords(tmp: Path, res: dict) -> None:
+    res["keywords"].to_parquet(Path(tmp) / "keywords.parquet", index=False)
+
+
 def main(argv=None) -> int:
-    ap = parser(STAGE, __doc__)
-    ap.add_argument("--data", required=True, help="validated dataset dir (artifacts/validate)")
-    ap.add_argument("--out", required=True, help="output dir (artifacts/preprocess_text)")
-    args = ap.parse_args(argv)
-    prepare_cpu_runtime()
-
-    def body():
-        params = {**DEFAULTS, **load_params(STAGE, args.params)}
-        items = load_items(args.data)
-        cache = FeatureCache.load(args.out, enabled=bool(params["cache"]))
-        res = preprocess_text(items, params, cache=cache)
-        with atomic_path(args.out, is_dir=True) as tmp:
-            write_features(tmp, res["features"], res["meta"])
-            res["keywords"].to_parquet(Path(tmp) / "keywords.parquet", index=False)
-        m = res["meta"]
-        print(f"{STAGE}: {m['n_present']}/{m['n_items']} items with text, "
-              f"{m['n_encoded_this_run']} encoded, {m['n_reused_from_cache']} from cache, "
-              f"{m['seconds']:.1f}s")
-
-    return run_main(body)
+    return feature_stage_main(argv, stage=STAGE, doc=__doc__, defaults=DEFAULTS, noun="text",
+                              compute=preprocess_text, write_extra=_write_keywords)
 
 
 if __name__ == "__main__":

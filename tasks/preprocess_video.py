@@ -36,18 +36,16 @@ from pipelines.features import (
     cell_str,
     file_hash,
     l2_normalise,
-    load_items,
-    prepare_cpu_runtime,
+    nullable_ints,
     progress,
     set_threads,
+    stack_vectors,
     summarise,
-    write_features,
 )
-from pipelines.io import atomic_path, load_params
 from pipelines.media import MediaError, resolve_media_path, sample_video
 from pipelines.schema import ITEM
 
-from ._cli import parser, run_main
+from ._feature_stage import feature_stage_main
 
 log = logging.getLogger("mmrec.preprocess_video")
 
@@ -169,18 +167,11 @@ def preprocess_video(items: pd.DataFrame, media_root: str | Path, params: dict[s
             n_encoded += 1
 
     dim = 2 * (encoder.dim if encoder is not None else backbone_dim(p["backbone"]))
-    emb = np.zeros((n, dim), np.float32)
-    for i, v in vectors.items():
-        emb[i] = v
-    extra = {
-        "duration_s": metas["duration_s"].astype(np.float64),
-        "fps": metas["fps"].astype(np.float64),
-        "width": pd.array([None if np.isnan(v) else int(v) for v in metas["width"]], dtype="Int32"),
-        "height": pd.array([None if np.isnan(v) else int(v) for v in metas["height"]],
-                           dtype="Int32"),
-        "n_frames_sampled": pd.array([None if np.isnan(v) else int(v)
-                                      for v in metas["n_frames_sampled"]], dtype="Int32"),
-    }
+    emb = stack_vectors(n, dim, vectors)
+    extra = {"duration_s": metas["duration_s"].astype(np.float64),
+             "fps": metas["fps"].astype(np.float64),
+             "width": nullable_ints(metas["width"]), "height": nullable_ints(metas["height"]),
+             "n_frames_sampled": nullable_ints(metas["n_frames_sampled"])}
     table = build_table(item_ids, emb, present, reasons, hashes, model_id, extra=extra)
     meta = summarise(table, dim=dim, model_id=model_id, n_encoded=n_encoded, n_reused=n_reused,
                      seconds=time.perf_counter() - t0, modality="video", backbone=p["backbone"],
@@ -189,26 +180,8 @@ def preprocess_video(items: pd.DataFrame, media_root: str | Path, params: dict[s
 
 
 def main(argv=None) -> int:
-    ap = parser(STAGE, __doc__)
-    ap.add_argument("--data", required=True, help="validated dataset dir (artifacts/validate)")
-    ap.add_argument("--media-root", required=True, help="dataset dir the video paths are relative to")
-    ap.add_argument("--out", required=True, help="output dir (artifacts/preprocess_video)")
-    args = ap.parse_args(argv)
-    prepare_cpu_runtime()
-
-    def body():
-        params = {**DEFAULTS, **load_params(STAGE, args.params)}
-        items = load_items(args.data)
-        cache = FeatureCache.load(args.out, enabled=bool(params["cache"]))
-        res = preprocess_video(items, args.media_root, params, cache=cache)
-        with atomic_path(args.out, is_dir=True) as tmp:
-            write_features(tmp, res["features"], res["meta"])
-        m = res["meta"]
-        print(f"{STAGE}: {m['n_present']}/{m['n_items']} items with a video, "
-              f"{m['n_encoded_this_run']} encoded, {m['n_reused_from_cache']} from cache, "
-              f"missing {m['missing_reasons']}, {m['seconds']:.1f}s")
-
-    return run_main(body)
+    return feature_stage_main(argv, stage=STAGE, doc=__doc__, defaults=DEFAULTS, noun="a video",
+                              compute=preprocess_video, media_root=True)
 
 
 if __name__ == "__main__":
