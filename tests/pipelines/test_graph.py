@@ -135,3 +135,27 @@ def test_import_walk_sees_nested_and_relative_imports():
     assert "pipelines/recommenders/encoder.py" in stage_imports(graph.by_name()["build_profiles"])
     assert "tasks/_feature_stage.py" in stage_imports(graph.by_name()["preprocess_video"])
     assert "pipelines/privacy.py" in stage_imports(graph.by_name()["publish"])
+
+
+def _input_paths(stage: graph.Stage) -> list[str]:
+    """Paths the stage's command reads: its arguments' paths that are not (inside) its outs
+    (``--recs hybrid=PATH`` gives PATH)."""
+    paths = []
+    for value in stage.args.values():
+        for v in value if isinstance(value, list) else [value]:
+            path = v.split("=", 1)[-1]
+            if not any(graph._inside(path, o) for o in stage.outs):
+                paths.append(path)
+    return paths
+
+
+def test_every_input_a_stage_reads_is_a_dep_and_every_dep_is_read():
+    """DVC reruns a stage when a dep changes: an input missing from deps would leave a stale
+    output; a dep the command never reads would rerun it for nothing."""
+    for s in graph.STAGES:
+        ins = _input_paths(s)
+        assert ins, s.name
+        unlisted = [x for x in ins if not any(graph._inside(x, d) for d in s.deps)]
+        assert not unlisted, f"{s.name} reads {unlisted} without listing it in deps"
+        unread = [d for d in s.deps if not any(graph._inside(x, d) or graph._inside(d, x) for x in ins)]
+        assert not unread, f"{s.name} lists {unread} in deps but its command never reads it"
