@@ -21,7 +21,7 @@ import scipy.linalg
 
 from ..data import Interactions
 from .base import Recommender
-from .knn import check_vector, csr_from_state, csr_state, popularity_prior
+from .knn import check_vector, csr_from_state, csr_state, popularity_prior, scores_with_prior
 
 
 class EASE(Recommender):
@@ -55,13 +55,8 @@ class EASE(Recommender):
         self.pop_ = popularity_prior(X)
 
     def score_users(self, uidx: np.ndarray) -> np.ndarray:
-        uidx = np.asarray(uidx, dtype=np.int64)
-        out = np.zeros((len(uidx), self.B_.shape[1]), dtype=np.float32)
-        known = uidx >= 0
-        if known.any():
-            out[known] = np.asarray(self.X_[uidx[known]] @ self.B_, dtype=np.float32)
         # tiny popularity tie-breaker: the ranking for users with no history
-        return out + self.pop_
+        return scores_with_prior(uidx, self.pop_, lambda u: self.X_[u] @ self.B_)
 
     def _state(self):
         return {"B": self.B_, **csr_state("X", self.X_), "pop": self.pop_}

@@ -146,6 +146,19 @@ def popularity_prior(X: sp.csr_matrix, scale: float = 1e-6) -> np.ndarray:
     return np.where(pop > 0, prior, -np.inf).astype(np.float32)
 
 
+def scores_with_prior(uidx: np.ndarray, prior: np.ndarray, score_known) -> np.ndarray:
+    """``[len(uidx), n_items]`` float32: ``score_known(rows)`` for the users the model knows
+    (``uidx >= 0``; it gets their indices and returns a dense or sparse matrix), plus the
+    :func:`popularity_prior` ``prior`` for everyone (unknown users: the prior alone)."""
+    uidx = np.asarray(uidx, dtype=np.int64)
+    out = np.zeros((len(uidx), len(prior)), dtype=np.float32)
+    known = uidx >= 0
+    if known.any():
+        s = score_known(uidx[known])
+        out[known] = s.toarray() if sp.issparse(s) else np.asarray(s, dtype=np.float32)
+    return out + prior
+
+
 def csr_state(prefix: str, m: sp.spmatrix) -> dict[str, np.ndarray]:
     m = sp.csr_matrix(m)
     return {f"{prefix}_data": np.asarray(m.data, np.float32),
@@ -182,13 +195,8 @@ class SimilarityRecommender(Recommender):
     (users x items history) and ``pop_`` (:func:`popularity_prior`)."""
 
     def score_users(self, uidx: np.ndarray) -> np.ndarray:
-        uidx = np.asarray(uidx, dtype=np.int64)
-        out = np.zeros((len(uidx), self.sim_.shape[1]), dtype=np.float32)
-        known = uidx >= 0
-        if known.any():
-            out[known] = (self.X_[uidx[known]] @ self.sim_).toarray()
         # popularity as a tiny tie-breaker; cold users get pure popularity
-        return out + self.pop_
+        return scores_with_prior(uidx, self.pop_, lambda u: self.X_[u] @ self.sim_)
 
     def _state(self):
         return {**csr_state("S", self.sim_), **csr_state("X", self.X_), "pop": self.pop_}

@@ -23,7 +23,7 @@ import numpy as np
 from ..data import Interactions
 from .base import Recommender
 from .knn import (FEATURE_WEIGHTINGS, check_vector, cosine_topk, csr_from_state, csr_state,
-                  feature_weight, popularity_prior)
+                  feature_weight, popularity_prior, scores_with_prior)
 
 
 class UserKNN(Recommender):
@@ -62,12 +62,7 @@ class UserKNN(Recommender):
         self.pop_ = popularity_prior(X)
 
     def score_users(self, uidx: np.ndarray) -> np.ndarray:
-        uidx = np.asarray(uidx, dtype=np.int64)
-        out = np.zeros((len(uidx), self.X_.shape[1]), dtype=np.float32)
-        known = uidx >= 0
-        if known.any():
-            out[known] = (self.nbr_[uidx[known]] @ self.X_).toarray()
-        return out + self.pop_
+        return scores_with_prior(uidx, self.pop_, lambda u: self.nbr_[u] @ self.X_)
 
     def _state(self):
         return {**csr_state("N", self.nbr_), **csr_state("X", self.X_), "pop": self.pop_}
