@@ -55,3 +55,26 @@ def split_frames(rows, n_train: int, n_fit: int) -> tuple[pd.DataFrame, pd.DataF
     train = df[pos < n_train].copy()
     train["fold"] = np.where(pos[pos < n_train] >= n_fit, "val", "fit")
     return train, df[pos >= n_train].copy()
+
+
+def write_mp4(path, n: int = 60, fps: int = 24, w: int = 64, h: int = 48, faststart: bool = False,
+              codec: str = "mpeg4", seed: int | None = None) -> None:
+    """A clip in three coloured thirds with a moving white bar: red, green, blue, or random
+    colours drawn with ``seed`` (distinct clips for distinct seeds)."""
+    import av
+
+    cols = [(220, 30, 30), (30, 220, 30), (30, 30, 220)] if seed is None else \
+        np.random.default_rng(seed).integers(0, 255, (3, 3))
+    opts = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", format="mp4", options=opts) as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            a = np.zeros((h, w, 3), np.uint8)
+            a[:] = cols[min(2, i * 3 // n)]
+            x = (i * w) // n
+            a[:, x:x + 4] = 255
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)

@@ -22,6 +22,7 @@ from pipelines.media import (
     sample_video,
     video_file_info,
 )
+from tests.fixtures import write_mp4
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -48,24 +49,6 @@ def png_claiming_size(width: int, height: int) -> bytes:
     crc = zlib.crc32(bytes(data[12:ihdr_start + 13])) & 0xFFFFFFFF
     data[ihdr_start + 13:ihdr_start + 17] = struct.pack(">I", crc)
     return bytes(data)
-
-
-def write_mp4(path, n=60, fps=24, w=64, h=48, faststart=False, codec="mpeg4") -> None:
-    """A clip in three coloured thirds (red, green, blue) with a moving white bar."""
-    opts = {"movflags": "faststart"} if faststart else {}
-    with av.open(str(path), "w", format="mp4", options=opts) as c:
-        s = c.add_stream(codec, rate=fps)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        cols = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
-        for i in range(n):
-            a = np.zeros((h, w, 3), np.uint8)
-            a[:] = cols[min(2, i * 3 // n)]
-            x = (i * w) // n
-            a[:, x:x + 4] = 255
-            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
 
 
 @pytest.fixture()

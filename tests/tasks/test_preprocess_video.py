@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 
-import av
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,6 +13,7 @@ import yaml
 from pipelines.encoders import BackboneSpec, register_backbone
 from pipelines.features import FeatureCache, l2_normalise, read_features, read_meta, write_features
 from tasks.preprocess_video import main, pool_frames, preprocess_video
+from tests.fixtures import write_mp4
 
 TINY = "tiny-test-video"
 
@@ -28,25 +28,6 @@ def _tiny_factory():
 
 
 register_backbone(TINY, _tiny_factory, "tiny-test-video:v1", 8, replace=True)
-
-
-def write_mp4(path, n=60, fps=24, w=64, h=48, faststart=False, seed=0) -> None:
-    """Three coloured thirds with a moving white bar (colours vary with ``seed``)."""
-    rng = np.random.default_rng(seed)
-    cols = rng.integers(0, 255, (3, 3))
-    opts = {"movflags": "faststart"} if faststart else {}
-    with av.open(str(path), "w", format="mp4", options=opts) as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        for i in range(n):
-            a = np.zeros((h, w, 3), np.uint8)
-            a[:] = cols[min(2, i * 3 // n)]
-            x = (i * w) // n
-            a[:, x:x + 4] = 255
-            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
 
 
 EXPECTED = {  # item_id -> (video cell, reason or None)
