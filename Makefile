@@ -57,8 +57,10 @@ clean:
 	rm -rf artifacts reports/validate reports/evaluate
 
 # Benchmark: two protocols (stratified, coldstart) on DATA -> reports/bench.json
+# (FUSE_SEEDS="1 2": also the hybrid at those fuse seeds, on the same upstream artifacts)
 bench: venv
-	python -m pipelines.bench --data $(DATA) --out reports/bench.json
+	python -m pipelines.bench --data $(DATA) --out reports/bench.json \
+		$(if $(strip $(FUSE_SEEDS)),--fuse-seeds $(FUSE_SEEDS),)
 
 # Scale benchmark: synthetic datasets of SIZES interactions (streamed by the generator), the whole
 # graph on each plus a +5% incremental rerun -> reports/bench-scale.json and reports/bench-scale.png

@@ -9,6 +9,13 @@ RSS.  Writes ``{protocol: {model: {slice: {metric: value}}}, "seconds":
 {stage: wall seconds, summed over the protocols}, "seconds_by_protocol":
 {protocol: {stage: s}}, "peak_rss_mb": {protocol: {stage: MiB}}}`` and prints
 a table.
+
+``--fuse-seeds 1 2`` also runs ``fuse`` + ``evaluate`` again at those ``fuse.seed`` values on
+each protocol's own upstream artifacts (outputs beside the main ones: ``artifacts/fuse_seed1``,
+``reports/evaluate_seed1``) and adds ``"fuse_seeds": {protocol: {"seeds": [...], "hybrid":
+{slice: {metric: {"values", "mean", "min", "max"}}}, "seconds": [...]}}``: how far the
+hybrid's figures move with the ranker's seed alone (the seed also draws the training worlds'
+simulated cold items and users and the cross-fitting folds).
 """
 
 from __future__ import annotations
@@ -93,7 +100,85 @@ def run_protocol(data: Path, name: str, overrides: dict, workdir: Path,
     return {"metrics": metrics, "seconds": seconds, "peak_rss_mb": rss, "cpu_seconds": cpu}
 
 
-META_KEYS = ("seconds", "seconds_by_protocol", "peak_rss_mb", "machine")
+def fuse_seed_runs(workdir: Path, seeds: list[int], name: str = "") -> dict:
+    """``fuse`` + ``evaluate`` at each other ``fuse.seed`` on a finished protocol's artifacts.
+
+    Each seed gets its own params file (the protocol's with ``fuse.seed`` replaced) and output
+    directories, emptied first so that the fuse's warm start never reuses a ranker: every run
+    is cold.  Returns the :data:`fuse_seeds <META_KEYS>` entry of one protocol, the protocol's
+    own seed first (its figures from ``reports/evaluate``)."""
+    params = yaml.safe_load((workdir / "params.yaml").read_text(encoding="utf-8"))
+    from .fusion import DEFAULTS as FUSE_DEFAULTS
+
+    base = int((params.get("fuse") or {}).get("seed", FUSE_DEFAULTS["seed"]))
+    main_metrics = json.loads((workdir / "reports/evaluate/metrics.json").read_text(encoding="utf-8"))
+    runs = {base: (main_metrics["hybrid"], None)}
+    fuse_st, eval_st = graph.by_name()["fuse"], graph.by_name()["evaluate"]
+    with open(workdir / "bench.log", "a", encoding="utf-8") as log:
+        for seed in seeds:
+            if int(seed) in runs:
+                continue
+            tag = f"seed{int(seed)}"
+            pfile = f"params_fuse_{tag}.yaml"
+            (workdir / pfile).write_text(
+                yaml.safe_dump(_merge(params, {"fuse": {"seed": int(seed)}}), sort_keys=False),
+                encoding="utf-8")
+            fuse_args = {**fuse_st.args, "out": f"artifacts/fuse_{tag}", "report": f"reports/fuse_{tag}"}
+            recs = f"hybrid=artifacts/fuse_{tag}/recommendations.parquet"
+            eval_args = {**eval_st.args, "recs": [recs], "out": f"reports/evaluate_{tag}"}
+            for d in (fuse_args["out"], fuse_args["report"], eval_args["out"]):
+                shutil.rmtree(workdir / d, ignore_errors=True)
+            secs = 0.0
+            for st, args in ((fuse_st, fuse_args), (eval_st, eval_args)):
+                cmd = st.command(args, params=pfile)
+                print(f"[{name}] {st.name} (fuse.seed {seed}) ...", file=sys.stderr, flush=True)
+                log.write(f"$ {cmd}\n")
+                log.flush()
+                sec, _, rc = run_stage(cmd, workdir, log)
+                if rc != 0:
+                    raise RuntimeError(f"[{name}] {st.name} at fuse.seed {seed} failed (exit {rc}); "
+                                       f"see {workdir}/bench.log")
+                secs += sec
+            m = json.loads((workdir / eval_args["out"] / "metrics.json").read_text(encoding="utf-8"))
+            runs[int(seed)] = (m["hybrid"], round(secs, 2))
+    return summarise_seeds(runs)
+
+
+def summarise_seeds(runs: dict[int, tuple[dict, float | None]]) -> dict:
+    """``{seed: (hybrid {slice: {metric: value}}, seconds)}`` -> values per slice and metric
+    in seed order, with their mean, min and max (``n_users`` and NaN-valued slices left out)."""
+    seeds = list(runs)
+    out: dict = {"seeds": seeds, "hybrid": {}, "seconds": [runs[s][1] for s in seeds]}
+    first = runs[seeds[0]][0]
+    for sl, metrics in first.items():
+        for metric in metrics:
+            if metric == "n_users":
+                continue
+            vals = [float(runs[s][0].get(sl, {}).get(metric, float("nan"))) for s in seeds]
+            if any(v != v for v in vals):  # NaN: an empty slice
+                continue
+            out["hybrid"].setdefault(sl, {})[metric] = {
+                "values": vals, "mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+    return out
+
+
+def seed_lines(spread: dict, metrics=("ndcg@10", "recall@10")) -> list[str]:
+    """The printed summary of :func:`fuse_seed_runs` for each protocol."""
+    lines = []
+    for proto, s in spread.items():
+        lines.append(f"\n### {proto}: hybrid over fuse seeds {' / '.join(map(str, s['seeds']))}\n")
+        lines.append("| slice | metric | values | mean | max - min |")
+        lines.append("|---|---|---|---:|---:|")
+        for sl, ms in s["hybrid"].items():
+            for m in metrics:
+                if m in ms:
+                    v = ms[m]
+                    lines.append(f"| {sl} | {m} | {' / '.join(f'{x:.4f}' for x in v['values'])} | "
+                                 f"{v['mean']:.4f} | {v['max'] - v['min']:.4f} |")
+    return lines
+
+
+META_KEYS = ("seconds", "seconds_by_protocol", "peak_rss_mb", "machine", "fuse_seeds")
 
 
 def table(result: dict, metrics=("ndcg@10", "precision@10", "recall@10", "map@10")) -> str:
@@ -135,6 +220,9 @@ def main(argv=None) -> int:
                     help="keep WORKDIR/PROTOCOL from an earlier run (its persisted outputs, the "
                          "feature caches and warm-start models, then serve this one: not a cold "
                          "benchmark)")
+    ap.add_argument("--fuse-seeds", nargs="*", type=int, default=[],
+                    help="also run fuse + evaluate at these fuse.seed values on each protocol's "
+                         "artifacts and report the hybrid's spread (\"fuse_seeds\")")
     args = ap.parse_args(argv)
     data = Path(args.data)
     if not data.is_dir():
@@ -154,12 +242,16 @@ def main(argv=None) -> int:
         for st, sec in r["seconds"].items():
             result["seconds"][st] = round(result["seconds"].get(st, 0.0) + sec, 2)
         result["peak_rss_mb"][name] = r["peak_rss_mb"]
+        if args.fuse_seeds:
+            result.setdefault("fuse_seeds", {})[name] = fuse_seed_runs(wd, args.fuse_seeds, name)
     import platform
 
     result["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                          "python": platform.python_version()}
     write_json(args.out, result)
     print(table(result))
+    if result.get("fuse_seeds"):
+        print("\n".join(seed_lines(result["fuse_seeds"])))
     print(f"\nwrote {args.out}")
     return 0
 

@@ -34,13 +34,16 @@ class Stage:
     def module(self) -> str:
         return f"tasks.{self.name}"
 
-    def command(self) -> str:
+    def command(self, args: dict[str, str | list[str]] | None = None,
+                params: str = "params.yaml") -> str:
+        """The stage's command line (``dvc.yaml``'s ``cmd``); ``args`` replaces the paths (e.g.
+        another output directory), ``params`` the params file."""
         parts = ["python", "-m", self.module]
-        for flag, value in self.args.items():
+        for flag, value in (self.args if args is None else args).items():
             vals = value if isinstance(value, list) else [value]
             parts.append(f"--{flag}")
             parts.extend(vals)
-        parts += ["--params", "params.yaml"]
+        parts += ["--params", params]
         return " ".join(parts)
 
     @property
