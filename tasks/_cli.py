@@ -28,4 +28,3 @@ def run_main(fn: Callable[[], int | None]) -> int:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
     return int(rc or 0)
-
