@@ -46,7 +46,10 @@ Features per (user, candidate): per source score / user's best score,
 per-user z-score and rank (``rank_depth + 1`` beyond the depth, NaN where the
 source cannot score; raw scores optional); number of sources proposing it;
 co-occurrence with the history (mean / soft-max / count / recent items / the
-user's centred ratings of the neighbours); item popularity (relative to the
+user's centred ratings of the neighbours); the people the item shares with the
+history (``tag_columns``, e.g. director and cast: shared names summed over the
+history, the share of history items sharing one, recent items sharing one);
+item popularity (relative to the
 mean item, percentile), cold-item flag, item recency and age relative to the
 user's last interaction, the item's activity inside the user's active window
 and around the user's sessions, smoothed item mean rating, numeric item
@@ -117,6 +120,14 @@ DEFAULTS: dict = {
     "genre_column": "genres",
     "genre_sep": "|",
     "title_column": "title",
+    # people (or any tags) that items share: ``tag_sep``-separated item columns, each item's
+    # first ``tag_max_per_item`` per column (billing order); a tag counts when 2 to
+    # ``tag_max_items`` items carry it (a name on more items tells them apart no better than
+    # popularity, and would make the item x item graph quadratic). Missing columns: skipped
+    "tag_columns": ["director", "cast"],
+    "tag_sep": "|",
+    "tag_max_per_item": 5,
+    "tag_max_items": 100,
     "segment_columns": None,  # user attributes defining segments (null = auto)
     "segment_max_levels": 30,  # auto: skip categorical attributes with more levels (ids, zip codes)
     "segment_bins": 4,  # numeric attributes: quantile buckets
@@ -246,6 +257,11 @@ def resolve_params(params: dict | None) -> dict:
         raise ValueError(f"fuse.cv_folds must be >= 1, got {p['cv_folds']}")
     if not 0.0 <= float(p["eval_fraction"]) < 1.0:
         raise ValueError(f"fuse.eval_fraction must be in [0, 1), got {p['eval_fraction']}")
+    if not isinstance(p["tag_columns"] or [], (list, tuple)):
+        raise ValueError(f"fuse.tag_columns must be a list of item columns, got {p['tag_columns']!r}")
+    if int(p["tag_max_per_item"]) < 1 or int(p["tag_max_items"]) < 2:
+        raise ValueError("fuse.tag_max_per_item must be >= 1 and fuse.tag_max_items >= 2, got "
+                         f"{p['tag_max_per_item']} and {p['tag_max_items']}")
     if p["rescore"] not in ("changed", "all"):
         raise ValueError(f"fuse.rescore must be changed or all, got {p['rescore']!r}")
     if float(p["warm_max_growth"]) < 0 or int(p["warm_max_reuses"]) < 0:
@@ -299,6 +315,9 @@ class ItemSide:
     content_sim: sp.csr_matrix | None = None  # [neighbour h, target i] top-k cosine
     num: np.ndarray | None = None  # [n_items, n_numeric] float32 (NaN missing)
     num_names: list = field(default_factory=list)
+    tags: sp.csr_matrix | None = None  # items x tags, binary (None: no tag column)
+    tag_names: np.ndarray | None = None  # display name per tag
+    tag_sim: sp.csr_matrix | None = None  # items x items: tags shared (zero diagonal)
 
     @property
     def n_items(self) -> int:
@@ -383,6 +402,14 @@ def build_item_side(items: pd.DataFrame, item_ids: np.ndarray,
         genre_names = np.asarray([], dtype=object)
     side = ItemSide(item_ids, titles, G, genre_names)
     side.num_names, side.num = _numeric_attributes(it, p)
+    side.tags, side.tag_names = item_tags(it, p)
+    if side.tags is not None:
+        S = (side.tags @ side.tags.T).tocsr().astype(np.float32)
+        S.setdiag(0.0)
+        S.eliminate_zeros()
+        side.tag_sim = S
+        log.info("fusion: %d tags shared by 2-%d items (%s), %d item pairs", side.tags.shape[1],
+                 int(p["tag_max_items"]), ", ".join(p["tag_columns"]), S.nnz)
     for m, (fids, emb, present) in sorted((features or {}).items()):
         E, pres = align_features(item_ids, fids, emb, present)
         if not pres.any():
@@ -394,6 +421,37 @@ def build_item_side(items: pd.DataFrame, item_ids: np.ndarray,
         side.content = comb
         side.content_sim = dense_topk_sim(comb, int(p["content_neighbors"]), int(p["memory_mb"]))
     return side
+
+
+def item_tags(it: pd.DataFrame, p: dict) -> tuple[sp.csr_matrix | None, np.ndarray | None]:
+    """Items x tags binary matrix of the ``tag_columns`` (rows: ``it``'s order) and each
+    tag's display name; ``(None, None)`` when no column has a tag on at least 2 items."""
+    rows, toks, names = [], [], []
+    for col in p["tag_columns"] or []:
+        if col not in it.columns:
+            log.info("fusion: tag column '%s' not in items, skipped", col)
+            continue
+        lists = it[col].astype("string").fillna("").reset_index(drop=True).str.split(
+            p["tag_sep"], regex=False)
+        ex = lists.explode().str.strip()
+        ex = ex[ex.notna() & (ex != "")]
+        ex = ex[ex.groupby(level=0).cumcount() < int(p["tag_max_per_item"])]
+        rows.append(ex.index.to_numpy())
+        toks.append((col + "\x1f" + ex).to_numpy(dtype=object))
+        names.append(ex.to_numpy(dtype=object))
+    if not rows or not sum(len(r) for r in rows):
+        return None, None
+    codes, uniq = pd.factorize(np.concatenate(toks))
+    name_of = pd.Series(np.concatenate(names)).groupby(codes).first().to_numpy(dtype=object)
+    T = sp.csr_matrix((np.ones(len(codes), np.float32), (np.concatenate(rows), codes)),
+                      shape=(len(it), len(uniq)))
+    T.sum_duplicates()
+    T.data[:] = 1.0
+    n = np.asarray(T.sum(axis=0)).ravel()
+    keep = (n >= 2) & (n <= int(p["tag_max_items"]))
+    if not keep.any():
+        return None, None
+    return T[:, keep].tocsr(), name_of[keep]
 
 
 _NOT_NUMERIC = {"title", "description", "genres", "image", "video", "director", "writer", "cast"}
@@ -926,6 +984,10 @@ class FeatureBuilder:
         per_cell = 12 * max(len(sources), 1) + 16
         self.batch = int(max(1, min(4096, int(p["memory_mb"]) * 2**20 // (per_cell * max(ni, 1)))))
         self.timings = {"score": 0.0, "features": 0.0}
+        self.tag_bin = None  # items x items: 1 where two items share a tag
+        if items.tag_sim is not None:
+            self.tag_bin = items.tag_sim.copy()
+            self.tag_bin.data[:] = 1.0
 
     def feature_names(self) -> list[str]:
         names = []
@@ -935,6 +997,8 @@ class FeatureBuilder:
                                                              f"{s.name}_rank"]
         names += ["knn_sum", "knn_count", "knn_mean", "knn_max", "knn_recent", "window_share",
                   "knn_liked", "session_share"]
+        if self.items.tag_sim is not None:
+            names += ["tag_sum", "tag_share", "tag_recent"]
         for c in self.items.num_names:
             names += [f"item_{c}", f"item_{c}_vs_user"]
         names += ["n_sources", "pop_log", "pop_pct", "is_cold_item", "item_rating",
@@ -974,6 +1038,10 @@ class FeatureBuilder:
         with np.errstate(invalid="ignore", divide="ignore"):
             session = np.where(ctx.pop[i] > 0, near / ctx.pop[i], np.nan)
         cols = [ssum / n_hist, cnt / n_hist, mean, smax, rec, share, liked, session]
+        if self.items.tag_sim is not None:  # people shared with the history
+            cols += [_gather(seen @ self.items.tag_sim, r, i) / n_hist,
+                     _gather(seen @ self.tag_bin, r, i) / n_hist,
+                     _gather(ctx.X_recent[uidx] @ self.tag_bin, r, i)]
         num = self.items.num
         for c in range(len(self.items.num_names)):
             v = num[i, c]
@@ -1758,6 +1826,18 @@ def _best_history(X: sp.csr_matrix, users: np.ndarray, items: np.ndarray, sim) -
     return best_h, best_v
 
 
+def _first_shared(T: sp.csr_matrix, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per pair, the first column that rows ``a[k]`` and ``b[k]`` of ``T`` both hold (-1: none)."""
+    out = np.full(len(a), -1, np.int64)
+    pair, col, counts = _expand(T.indptr, T.indices, a)
+    if not len(pair):
+        return out
+    hit = _csr_lookup(T, b[pair], col) > 0
+    first = np.unique(pair[hit], return_index=True)
+    out[first[0]] = col[hit][first[1]]
+    return out
+
+
 class Explainer:
     """Readable reasons for final recommendations (vectorised over pairs, formatted in a loop)."""
 
@@ -1798,6 +1878,14 @@ class Explainer:
             if sel.any():
                 h_ct[sel], v_ct[sel] = _best_history(
                     ctx.X, u[sel], i[sel], lambda h, j: np.einsum("nd,nd->n", E[h], E[j]))
+        # the history item sharing the most people (tags) with the item, and one shared name
+        h_tag, tag_of = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+        if items.tag_sim is not None and has_hist.any():
+            sel = np.nonzero(has_hist)[0]
+            hb, vb = _best_history(ctx.X, u[sel], i[sel], lambda h, j: _csr_lookup(items.tag_sim, h, j))
+            ok = vb > 0
+            h_tag[sel[ok]] = hb[ok]
+            tag_of[sel[ok]] = _first_shared(items.tags, i[sel[ok]], hb[ok])
         # best genre of the item for this user (highest lift)
         G = items.genres
         g_best = np.full(n, -1, np.int64)
@@ -1814,9 +1902,12 @@ class Explainer:
         few = ctx.user_n[u] <= int(p["cold_user_max"])
         out = []
         titles, gnames, seg = items.titles, items.genre_names, self.users.labels
+        tnames = items.tag_names
         for j in range(n):
             if cold[j]:
-                if h_ct[j] >= 0 and v_ct[j] > 0:
+                if h_tag[j] >= 0:
+                    out.append(f"new item with {tnames[tag_of[j]]}, as in {titles[h_tag[j]]}")
+                elif h_ct[j] >= 0 and v_ct[j] > 0:
                     out.append(f"new item similar to {titles[h_ct[j]]}")
                 elif g_best[j] >= 0:
                     out.append(f"new item matching your interest in {gnames[g_best[j]]}")
@@ -1824,6 +1915,8 @@ class Explainer:
                     out.append("new in the catalogue")
             elif h_cf[j] >= 0 and v_cf[j] >= min_sim and not (few[j] and v_cf[j] < 2 * min_sim):
                 out.append(f"because you liked {titles[h_cf[j]]}")
+            elif h_tag[j] >= 0:
+                out.append(f"with {tnames[tag_of[j]]}, as in {titles[h_tag[j]]}")
             elif has_hist[j] and g_best[j] >= 0 and l_best[j] >= min_lift:
                 out.append(f"matches your interest in {gnames[g_best[j]]}")
             else:

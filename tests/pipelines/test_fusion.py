@@ -551,6 +551,74 @@ def test_reasons_are_readable_and_follow_the_evidence():
     assert got[3].startswith("popular with users like you") or got[3].startswith("matches your")
 
 
+def test_item_tags_keep_the_first_names_per_column_shared_by_two_to_max_items():
+    it = pd.DataFrame({"director": ["Ann", "Ann", "Bob", None, "Cy"],
+                       "cast": ["Dee|Eve|Fay", " Eve |Gus", "Dee|Hal|Eve", "Gus", ""]})
+    T, names = F.item_tags(it, F.resolve_params({"tag_max_per_item": 2, "tag_max_items": 2,
+                                                 "tag_columns": ["director", "cast", "writer"]}))
+    got = {names[c]: sorted(T[:, c].nonzero()[0].tolist()) for c in range(T.shape[1])}
+    # Eve is 2nd in rows 0, 1 but 3rd in row 2 (cut by tag_max_per_item); Dee's 2 items;
+    # Gus on 2 items; Bob, Cy, Fay, Hal on one item only; no column 'writer': skipped
+    assert got == {"Ann": [0, 1], "Dee": [0, 2], "Eve": [0, 1], "Gus": [1, 3]}
+    assert set(np.unique(T.data)) == {1.0}
+    # a name on more items than tag_max_items tells nothing apart: dropped
+    T3, names3 = F.item_tags(it, F.resolve_params({"tag_max_items": 2, "tag_columns": ["cast"]}))
+    assert "Eve" not in set(names3)  # on 3 items with the default 5 names per item
+    assert F.item_tags(it, F.resolve_params({"tag_columns": []})) == (None, None)
+    assert F.item_tags(it[["cast"]].iloc[:1], F.resolve_params({})) == (None, None)
+    with pytest.raises(ValueError, match="tag_max_items"):
+        F.resolve_params({"tag_max_items": 1})
+
+
+def test_tag_features_count_the_people_an_item_shares_with_the_history():
+    ids = [f"i{i}" for i in range(5)]
+    df = pd.DataFrame({"user_id": ["a", "a", "b", "c", "c"], "item_id": ["i0", "i1", "i4", "i2", "i3"],
+                       "timestamp": [1, 2, 3, 4, 5]})  # c: every item is warm, a candidate
+    inter = Interactions.build(df, np.array(["a", "b", "c"], dtype=object), np.array(ids, dtype=object))
+    items = pd.DataFrame({"item_id": ids, "director": ["Ann", "Bob", "Ann", "Bob", "Cy"],
+                          "cast": ["Dee|Eve", "Eve", "Dee|Eve", "Fay", "Fay"]})
+    p = F.resolve_params({**FAST, "candidates": {"default": 5}})
+    side = F.build_item_side(items, inter.item_ids, None, p)
+    us = F.build_user_side(None, inter.user_ids, p)
+    ctx = F.build_context(inter, side, us, p)
+    pop = Popularity().fit(inter)
+    fb = F.FeatureBuilder(F.make_sources({"popularity": pop}, ctx, side, us, p), ctx, side, us, p)
+    fr = fb.frame(np.array([0, 1]))
+    col = {n: k for k, n in enumerate(fr.names)}
+    val = {(int(u), ids[int(i)]): fr.X[k] for k, (u, i) in enumerate(zip(fr.users, fr.items))}
+    # user a had i0 (Ann, Dee, Eve) and i1 (Bob, Eve): i2 shares Ann, Dee, Eve with i0 and Eve
+    # with i1 -> 4 names over 2 history items, both history items share one
+    assert val[(0, "i2")][col["tag_sum"]] == pytest.approx(4 / 2)
+    assert val[(0, "i2")][col["tag_share"]] == pytest.approx(1.0)
+    assert val[(0, "i3")][col["tag_sum"]] == pytest.approx(1 / 2)  # Bob, with i1
+    assert val[(0, "i4")][col["tag_sum"]] == 0.0
+    assert val[(1, "i3")][col["tag_share"]] == pytest.approx(1.0)  # Fay, with i4
+    # without tag columns the features are not there at all
+    p0 = F.resolve_params({**FAST, "tag_columns": []})
+    side0 = F.build_item_side(items, inter.item_ids, None, p0)
+    assert side0.tag_sim is None
+    fb0 = F.FeatureBuilder(F.make_sources({"popularity": pop}, ctx, side0, us, p0), ctx, side0, us, p0)
+    assert not {"tag_sum", "tag_share", "tag_recent"} & set(fb0.names)
+
+
+def test_reasons_name_a_person_the_item_shares_with_the_history():
+    ids = [f"i{i}" for i in range(4)]
+    df = pd.DataFrame({"user_id": ["a", "b", "b"], "item_id": ["i0", "i1", "i2"],
+                       "timestamp": [1, 2, 3]})
+    inter = Interactions.build(df, np.array(["a", "b"], dtype=object), np.array(ids, dtype=object))
+    items = pd.DataFrame({"item_id": ids, "title": ["Alpha", "Beta", "Gamma", "Delta"],
+                          "genres": ["Drama"] * 4, "director": ["Ann", "Bob", "Cy", "Ann"],
+                          "cast": ["Eve", "Fay", "Gus", "Hal"]})
+    p = F.resolve_params({})
+    side = F.build_item_side(items, inter.item_ids, None, p)
+    us = F.build_user_side(None, inter.user_ids, p)
+    ctx = F.build_context(inter, side, us, p)
+    assert ctx.cold[3]  # i3: never rated
+    got = F.Explainer(ctx, side, us, p).reasons(np.array([0, 1]), np.array([3, 3]))
+    assert got[0] == "new item with Ann, as in Alpha"
+    assert not got[1].startswith("new item with")  # b shares no one with i3
+
+
 def test_planted_structure_end_to_end(blocks):
     fit, full = fit_models(blocks, "fit"), fit_models(blocks, None)
     out = F.fuse(blocks, fit, full, block_features(blocks), None, {**FAST, "k": 5})
