@@ -210,7 +210,8 @@ def manual_split() -> Split:
     train = df[df.fold != "test"].reset_index(drop=True)
     test = df[df.fold == "test"].drop(columns="fold").reset_index(drop=True)
     items = pd.DataFrame({"item_id": [f"i{i}" for i in range(20)], "title": [f"T{i}" for i in range(20)],
-                          "genres": ["A|B"] * 10 + ["C"] * 10})
+                          "genres": ["A|B"] * 10 + ["C"] * 10,
+                          "director": [f"D{i % 4}" for i in range(20)]})  # shared across the folds
     users = pd.DataFrame({"user_id": [f"u{u}" for u in range(20)], "gender": list("MF" * 10)})
     return Split(train, test, users, items, {"cold_users": [], "cold_items": []})
 
@@ -235,6 +236,16 @@ def test_val_labels_never_reach_training_features():
     assert np.isnan(ts["X"][pos, names.index("popularity_rank")]).all()
     assert np.isnan(ts["X"][pos, names.index("item_rating")]).all()
     assert (np.nan_to_num(ts["X"][pos, names.index("knn_sum")]) == 0).all()
+    # people shared with the history: over the user's 5 fit items only, never the val item itself
+    fit_rows = split.train[split.train.fold == "fit"]
+    director = dict(zip(split.items.item_id, split.items.director))
+    iid = split.interactions().item_ids
+    uid = split.interactions().user_ids
+    for k in np.nonzero(pos)[0]:
+        u, item = uid[ts["users"][k]], iid[ts["items"][k]]
+        hist = fit_rows.item_id[fit_rows.user_id == u]
+        want = np.mean([director[h] == director[item] for h in hist])
+        assert ts["X"][k, names.index("tag_share")] == pytest.approx(want)
     # user activity = fit rows only (5 each, equal for everybody -> relative activity 0)
     np.testing.assert_allclose(ts["X"][:, names.index("user_activity")], np.log(5.5 / 5.0), rtol=1e-5)
     # positive control: a context that (wrongly) includes val rows makes the leak visible
@@ -278,6 +289,7 @@ def test_test_rows_never_reach_test_time_features(cv_folds):
     test_items = set(split.interactions().item_index([f"i{15 + k}" for k in range(5)]))
     sel = np.isin(fr.items, list(test_items))
     assert sel.any() and (fr.X[sel, fb.names.index("is_cold_item")] == 1).all()
+    assert "tag_share" in fb.names  # the people features are part of what must not move
     # changing the test rows changes nothing in the output
     other = Split(split.train, split.test.assign(item_id="i0"), split.users, split.items, split.slices)
     out2 = F.fuse(other, fit, full, feats, None, p)
