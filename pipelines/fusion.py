@@ -318,6 +318,7 @@ class ItemSide:
     tags: sp.csr_matrix | None = None  # items x tags, binary (None: no tag column)
     tag_names: np.ndarray | None = None  # display name per tag
     tag_sim: sp.csr_matrix | None = None  # items x items: tags shared (zero diagonal)
+    tag_bin: sp.csr_matrix | None = None  # tag_sim's pattern: 1 where two items share a tag
 
     @property
     def n_items(self) -> int:
@@ -408,6 +409,8 @@ def build_item_side(items: pd.DataFrame, item_ids: np.ndarray,
         S.setdiag(0.0)
         S.eliminate_zeros()
         side.tag_sim = S
+        side.tag_bin = S.copy()
+        side.tag_bin.data[:] = 1.0
         log.info("fusion: %d tags shared by 2-%d items (%s), %d item pairs", side.tags.shape[1],
                  int(p["tag_max_items"]), ", ".join(p["tag_columns"]), S.nnz)
     for m, (fids, emb, present) in sorted((features or {}).items()):
@@ -984,10 +987,6 @@ class FeatureBuilder:
         per_cell = 12 * max(len(sources), 1) + 16
         self.batch = int(max(1, min(4096, int(p["memory_mb"]) * 2**20 // (per_cell * max(ni, 1)))))
         self.timings = {"score": 0.0, "features": 0.0}
-        self.tag_bin = None  # items x items: 1 where two items share a tag
-        if items.tag_sim is not None:
-            self.tag_bin = items.tag_sim.copy()
-            self.tag_bin.data[:] = 1.0
 
     def feature_names(self) -> list[str]:
         names = []
@@ -1040,8 +1039,8 @@ class FeatureBuilder:
         cols = [ssum / n_hist, cnt / n_hist, mean, smax, rec, share, liked, session]
         if self.items.tag_sim is not None:  # people shared with the history
             cols += [_gather(seen @ self.items.tag_sim, r, i) / n_hist,
-                     _gather(seen @ self.tag_bin, r, i) / n_hist,
-                     _gather(ctx.X_recent[uidx] @ self.tag_bin, r, i)]
+                     _gather(seen @ self.items.tag_bin, r, i) / n_hist,
+                     _gather(ctx.X_recent[uidx] @ self.items.tag_bin, r, i)]
         num = self.items.num
         for c in range(len(self.items.num_names)):
             v = num[i, c]
@@ -1878,10 +1877,14 @@ class Explainer:
             if sel.any():
                 h_ct[sel], v_ct[sel] = _best_history(
                     ctx.X, u[sel], i[sel], lambda h, j: np.einsum("nd,nd->n", E[h], E[j]))
-        # the history item sharing the most people (tags) with the item, and one shared name
+        min_sim, min_lift = float(p["reason_min_sim"]), float(p["reason_min_lift"])
+        few = ctx.user_n[u] <= int(p["cold_user_max"])
+        liked = (h_cf >= 0) & (v_cf >= min_sim) & ~(few & (v_cf < 2 * min_sim))
+        # the history item sharing the most people (tags) with the item, and one shared name;
+        # only where no co-rating neighbour gives the reason
         h_tag, tag_of = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
-        if items.tag_sim is not None and has_hist.any():
-            sel = np.nonzero(has_hist)[0]
+        sel = np.nonzero(has_hist & (cold | ~liked))[0]
+        if items.tag_sim is not None and len(sel):
             hb, vb = _best_history(ctx.X, u[sel], i[sel], lambda h, j: _csr_lookup(items.tag_sim, h, j))
             ok = vb > 0
             h_tag[sel[ok]] = hb[ok]
@@ -1898,8 +1901,6 @@ class Explainer:
                 first = (np.cumsum(counts) - counts)[counts > 0]
                 g_best[counts > 0] = g[order[first]]
                 l_best[counts > 0] = lv[order[first]]
-        min_sim, min_lift = float(p["reason_min_sim"]), float(p["reason_min_lift"])
-        few = ctx.user_n[u] <= int(p["cold_user_max"])
         out = []
         titles, gnames, seg = items.titles, items.genre_names, self.users.labels
         tnames = items.tag_names
@@ -1913,7 +1914,7 @@ class Explainer:
                     out.append(f"new item matching your interest in {gnames[g_best[j]]}")
                 else:
                     out.append("new in the catalogue")
-            elif h_cf[j] >= 0 and v_cf[j] >= min_sim and not (few[j] and v_cf[j] < 2 * min_sim):
+            elif liked[j]:
                 out.append(f"because you liked {titles[h_cf[j]]}")
             elif h_tag[j] >= 0:
                 out.append(f"with {tnames[tag_of[j]]}, as in {titles[h_tag[j]]}")
