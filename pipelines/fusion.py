@@ -387,16 +387,9 @@ def build_item_side(items: pd.DataFrame, item_ids: np.ndarray,
                          for t, i in zip(titles.tolist(), item_ids)], dtype=object)
     gcol = p["genre_column"]
     if gcol in it.columns:
-        raw = it[gcol].astype("string").fillna("")
-        lists = raw.str.split(p["genre_sep"], regex=False)
-        ex = lists.explode().str.strip()
-        ex = ex[ex.notna() & (ex != "")]
-        codes, names = pd.factorize(ex, sort=True)
-        row = pd.Index(item_ids).get_indexer(ex.index)
-        G = sp.csr_matrix((np.ones(len(codes), np.float32), (row, codes)),
-                          shape=(len(item_ids), len(names)))
-        G.sum_duplicates()
-        G.data[:] = 1.0
+        ex = _split_tokens(it[gcol], p["genre_sep"])
+        codes, names = pd.factorize(ex, sort=True)  # genre columns in name order
+        G = _binary_csr(ex.index.to_numpy(), codes, (len(item_ids), len(names)))
         genre_names = np.asarray(names, dtype=object)
     else:
         G = sp.csr_matrix((len(item_ids), 0), dtype=np.float32)
@@ -426,6 +419,25 @@ def build_item_side(items: pd.DataFrame, item_ids: np.ndarray,
     return side
 
 
+def _split_tokens(col: pd.Series, sep: str, max_per_item: int | None = None) -> pd.Series:
+    """The non-empty, stripped tokens of a ``sep``-joined text column, indexed by row position
+    (0 .. len - 1) in their order within each row; at most ``max_per_item`` per row."""
+    ex = col.astype("string").fillna("").reset_index(drop=True).str.split(sep, regex=False)
+    ex = ex.explode().str.strip()
+    ex = ex[ex.notna() & (ex != "")]
+    if max_per_item is not None:
+        ex = ex[ex.groupby(level=0).cumcount() < max_per_item]
+    return ex
+
+
+def _binary_csr(rows: np.ndarray, codes: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """Rows x codes 0/1 matrix (a token repeated in a row counts once)."""
+    M = sp.csr_matrix((np.ones(len(codes), np.float32), (rows, codes)), shape=shape)
+    M.sum_duplicates()
+    M.data[:] = 1.0
+    return M
+
+
 def item_tags(it: pd.DataFrame, p: dict) -> tuple[sp.csr_matrix | None, np.ndarray | None]:
     """Items x tags binary matrix of the ``tag_columns`` (rows: ``it``'s order) and each
     tag's display name; ``(None, None)`` when no column has a tag on at least 2 items."""
@@ -434,22 +446,15 @@ def item_tags(it: pd.DataFrame, p: dict) -> tuple[sp.csr_matrix | None, np.ndarr
         if col not in it.columns:
             log.info("fusion: tag column '%s' not in items, skipped", col)
             continue
-        lists = it[col].astype("string").fillna("").reset_index(drop=True).str.split(
-            p["tag_sep"], regex=False)
-        ex = lists.explode().str.strip()
-        ex = ex[ex.notna() & (ex != "")]
-        ex = ex[ex.groupby(level=0).cumcount() < int(p["tag_max_per_item"])]
+        ex = _split_tokens(it[col], p["tag_sep"], int(p["tag_max_per_item"]))
         rows.append(ex.index.to_numpy())
         toks.append((col + "\x1f" + ex).to_numpy(dtype=object))
         names.append(ex.to_numpy(dtype=object))
     if not rows or not sum(len(r) for r in rows):
         return None, None
-    codes, uniq = pd.factorize(np.concatenate(toks))
+    codes, uniq = pd.factorize(np.concatenate(toks))  # tag columns in order of appearance
     name_of = pd.Series(np.concatenate(names)).groupby(codes).first().to_numpy(dtype=object)
-    T = sp.csr_matrix((np.ones(len(codes), np.float32), (np.concatenate(rows), codes)),
-                      shape=(len(it), len(uniq)))
-    T.sum_duplicates()
-    T.data[:] = 1.0
+    T = _binary_csr(np.concatenate(rows), codes, (len(it), len(uniq)))
     n = np.asarray(T.sum(axis=0)).ravel()
     keep = (n >= 2) & (n <= int(p["tag_max_items"]))
     if not keep.any():
@@ -1793,17 +1798,30 @@ def train_cold_ranker(ts: dict, names: list[str], sources: list[str],
 
 # =========================================================================== test time
 
+class CsrLookup:
+    """Vectorised ``S[rows, cols]`` lookups into a sparse matrix; the sorted (row, col) keys
+    are built once, so repeated lookups (chunks of pairs) cost a binary search each."""
+
+    def __init__(self, S: sp.csr_matrix):
+        S = sp.csr_matrix(S, copy=True)
+        S.sum_duplicates()
+        S.sort_indices()
+        self.n_cols = S.shape[1]
+        self.keys = np.repeat(np.arange(S.shape[0], dtype=np.int64), np.diff(S.indptr)) \
+            * self.n_cols + S.indices
+        self.data = S.data
+
+    def __call__(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        q = np.asarray(rows, dtype=np.int64) * self.n_cols + np.asarray(cols, dtype=np.int64)
+        if not len(self.keys):
+            return np.zeros(len(q), np.float32)
+        pos = np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)
+        return np.where(self.keys[pos] == q, self.data[pos], 0.0).astype(np.float32)
+
+
 def _csr_lookup(S: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """S[rows, cols] as a dense vector for a canonical CSR (sorted indices), vectorised."""
-    S = S.tocsr()
-    S.sort_indices()
-    n = S.shape[1]
-    keys = np.repeat(np.arange(S.shape[0], dtype=np.int64), np.diff(S.indptr)) * n + S.indices
-    q = rows.astype(np.int64) * n + cols.astype(np.int64)
-    pos = np.searchsorted(keys, q)
-    pos = np.minimum(pos, max(len(keys) - 1, 0))
-    hit = (keys[pos] == q) if len(keys) else np.zeros(len(q), bool)
-    return np.where(hit, S.data[pos] if len(keys) else 0.0, 0.0).astype(np.float32)
+    """S[rows, cols] as a dense vector (one-off lookup; see :class:`CsrLookup`)."""
+    return CsrLookup(S)(rows, cols)
 
 
 def _best_history(X: sp.csr_matrix, users: np.ndarray, items: np.ndarray, sim) -> tuple:
@@ -1825,13 +1843,15 @@ def _best_history(X: sp.csr_matrix, users: np.ndarray, items: np.ndarray, sim) -
     return best_h, best_v
 
 
-def _first_shared(T: sp.csr_matrix, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per pair, the first column that rows ``a[k]`` and ``b[k]`` of ``T`` both hold (-1: none)."""
+def _first_shared(T: sp.csr_matrix, a: np.ndarray, b: np.ndarray,
+                  at: CsrLookup | None = None) -> np.ndarray:
+    """Per pair, the first column that rows ``a[k]`` and ``b[k]`` of ``T`` both hold (-1: none);
+    ``at``: ``T``'s lookup when the caller keeps one."""
     out = np.full(len(a), -1, np.int64)
     pair, col, counts = _expand(T.indptr, T.indices, a)
     if not len(pair):
         return out
-    hit = _csr_lookup(T, b[pair], col) > 0
+    hit = (at or CsrLookup(T))(b[pair], col) > 0
     first = np.unique(pair[hit], return_index=True)
     out[first[0]] = col[hit][first[1]]
     return out
@@ -1845,6 +1865,10 @@ class Explainer:
 
         self.ctx, self.items, self.users, self.p = ctx, items, users, p
         self.S_cf = cosine_topk(ctx.X, int(p["reason_neighbors"])) if ctx.X.nnz else None
+        # lookups built once: reasons are computed in chunks of pairs
+        self._cf_at = CsrLookup(self.S_cf) if self.S_cf is not None else None
+        self._tag_at = CsrLookup(items.tag_sim) if items.tag_sim is not None else None
+        self._tags_at = CsrLookup(items.tags) if items.tags is not None else None
 
     def reasons(self, u: np.ndarray, i: np.ndarray, budget: int = 4_000_000) -> list[str]:
         """One reason per (user, item) pair; chunked so that (pair x history item) stays bounded."""
@@ -1867,8 +1891,7 @@ class Explainer:
         v_cf = np.zeros(n, np.float32)
         warm = ~cold & has_hist
         if self.S_cf is not None and warm.any():
-            h_cf[warm], v_cf[warm] = _best_history(ctx.X, u[warm], i[warm],
-                                                   lambda h, j: _csr_lookup(self.S_cf, h, j))
+            h_cf[warm], v_cf[warm] = _best_history(ctx.X, u[warm], i[warm], self._cf_at)
         h_ct = np.full(n, -1, np.int64)
         v_ct = np.zeros(n, np.float32)
         if items.content is not None:
@@ -1885,10 +1908,10 @@ class Explainer:
         h_tag, tag_of = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
         sel = np.nonzero(has_hist & (cold | ~liked))[0]
         if items.tag_sim is not None and len(sel):
-            hb, vb = _best_history(ctx.X, u[sel], i[sel], lambda h, j: _csr_lookup(items.tag_sim, h, j))
+            hb, vb = _best_history(ctx.X, u[sel], i[sel], self._tag_at)
             ok = vb > 0
             h_tag[sel[ok]] = hb[ok]
-            tag_of[sel[ok]] = _first_shared(items.tags, i[sel[ok]], hb[ok])
+            tag_of[sel[ok]] = _first_shared(items.tags, i[sel[ok]], hb[ok], self._tags_at)
         # best genre of the item for this user (highest lift)
         G = items.genres
         g_best = np.full(n, -1, np.int64)

@@ -534,6 +534,36 @@ def test_csr_lookup_and_expand():
     np.testing.assert_array_equal(counts, [2, 0, 1])
 
 
+def test_csr_lookup_matches_dense_indexing_and_leaves_its_input_alone():
+    rng = np.random.default_rng(0)
+    D = rng.random((30, 40)).astype(np.float32) * (rng.random((30, 40)) < 0.2)
+    S = sp.csr_matrix(D)
+    # unsorted column indices and a duplicated entry (summed, as scipy's dense view does)
+    S = sp.csr_matrix((np.r_[S.data, 1.5], np.r_[S.indices, 3], np.r_[S.indptr[:-1], S.nnz + 1]),
+                      shape=S.shape)
+    S.indices[S.indptr[5]:S.indptr[6]] = S.indices[S.indptr[5]:S.indptr[6]][::-1].copy()
+    S.data[S.indptr[5]:S.indptr[6]] = S.data[S.indptr[5]:S.indptr[6]][::-1].copy()
+    before = (S.indices.copy(), S.data.copy())
+    rows, cols = rng.integers(0, 30, 500), rng.integers(0, 40, 500)
+    at = F.CsrLookup(S)
+    np.testing.assert_allclose(at(rows, cols), S.toarray()[rows, cols], rtol=1e-6)
+    np.testing.assert_allclose(at(rows[:7], cols[:7]), S.toarray()[rows[:7], cols[:7]], rtol=1e-6)
+    np.testing.assert_array_equal(S.indices, before[0])
+    np.testing.assert_array_equal(S.data, before[1])
+    empty = F.CsrLookup(sp.csr_matrix((3, 4), dtype=np.float32))
+    np.testing.assert_array_equal(empty(np.array([0, 2]), np.array([1, 3])), [0, 0])
+
+
+def test_split_tokens_strips_drops_empties_and_caps_per_row():
+    col = pd.Series([" A | B|C ", None, "", "B||A", "D"], index=["x", "y", "z", "w", "v"])
+    ex = F._split_tokens(col, "|")
+    assert list(zip(ex.index, ex)) == [(0, "A"), (0, "B"), (0, "C"), (3, "B"), (3, "A"), (4, "D")]
+    capped = F._split_tokens(col, "|", max_per_item=1)
+    assert list(zip(capped.index, capped)) == [(0, "A"), (3, "B"), (4, "D")]
+    M = F._binary_csr(np.array([0, 0, 1]), np.array([2, 2, 0]), (2, 3))
+    np.testing.assert_array_equal(M.toarray(), [[0, 0, 1], [1, 0, 0]])
+
+
 def test_reasons_are_readable_and_follow_the_evidence():
     ids = [f"i{i}" for i in range(6)]
     rows = [("a", "i0"), ("a", "i1"), ("b", "i0"), ("b", "i1"), ("c", "i0"), ("c", "i1"),
