@@ -364,6 +364,26 @@ def progress(iterable=None, *, total: int | None = None, desc: str = "", enabled
                 mininterval=2.0, unit="item", dynamic_ncols=True)
 
 
+def media_cells(items: pd.DataFrame, col: str, reasons: list, *, desc: str,
+                show_progress: bool = True):
+    """Yield ``(row, relative path)`` for each item whose ``col`` names a media file.
+
+    Items with an empty cell get the reason ``no-<col>`` in ``reasons`` (one slot per row of
+    ``items``); without the column every item gets ``no-<col>-column`` and nothing is yielded.
+    """
+    if col not in items.columns:
+        reasons[:] = [f"no-{col}-column"] * len(items)
+        log.info("items table has no '%s' column: every item is missing", col)
+        return
+    cells = items[col].tolist()
+    for i in progress(range(len(cells)), desc=desc, enabled=show_progress):
+        rel = cell_str(cells[i]).strip()
+        if not rel:
+            reasons[i] = f"no-{col}"
+            continue
+        yield i, rel
+
+
 def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=-1, keepdims=True)

@@ -33,8 +33,8 @@ from pipelines.features import (
     cell_str,
     content_hash,
     l2_normalise,
+    media_cells,
     nullable_ints,
-    progress,
     set_threads,
     stack_vectors,
     summarise,
@@ -129,43 +129,35 @@ def preprocess_image(items: pd.DataFrame, media_root: str | Path, params: dict[s
         pending_idx.clear()
         pending_arr.clear()
 
-    if col not in items.columns:
-        reasons = [f"no-{col}-column"] * n
-        log.info("items table has no '%s' column: every item is missing", col)
-    else:
-        cells = items[col].tolist()
-        for i in progress(range(n), desc="images", enabled=bool(p["progress"])):
-            rel = cell_str(cells[i]).strip()
-            if not rel:
-                reasons[i] = f"no-{col}"
+    for i, rel in media_cells(items, col, reasons, desc="images",
+                              show_progress=bool(p["progress"])):
+        try:
+            data = read_media_bytes(root, rel, max_bytes=max_bytes)
+            hashes[i] = content_hash(data, hparams)
+            rec = cache.get(hashes[i], model_id)
+            if rec is not None:
+                vectors[i] = rec["embedding"]
+                present[i] = True
+                width[i], height[i] = cell_float(rec.get("width")), cell_float(rec.get("height"))
+                fmt[i] = cell_str(rec.get("format")) or None
+                n_reused += 1
                 continue
-            try:
-                data = read_media_bytes(root, rel, max_bytes=max_bytes)
-                hashes[i] = content_hash(data, hparams)
-                rec = cache.get(hashes[i], model_id)
-                if rec is not None:
-                    vectors[i] = rec["embedding"]
-                    present[i] = True
-                    width[i], height[i] = cell_float(rec.get("width")), cell_float(rec.get("height"))
-                    fmt[i] = cell_str(rec.get("format")) or None
-                    n_reused += 1
-                    continue
-                img = decode_image(data, max_pixels=max_pixels, formats=formats,
-                                   draft_size=int(p["resize_size"] or size))
-                width[i], height[i], fmt[i] = img.width, img.height, img.format
-                arr = resize_center_crop(img.image, size, p["resize_size"])
-            except MediaError as exc:
-                reasons[i] = exc.reason
-                width[i] = exc.info.get("width", width[i])
-                height[i] = exc.info.get("height", height[i])
-                fmt[i] = exc.info.get("format", fmt[i]) or None
-                log.debug("item %s: %s", item_ids[i], exc)
-                continue
-            pending_idx.append(i)
-            pending_arr.append(arr)
-            if len(pending_idx) >= batch_size:
-                flush()
-        flush()
+            img = decode_image(data, max_pixels=max_pixels, formats=formats,
+                               draft_size=int(p["resize_size"] or size))
+            width[i], height[i], fmt[i] = img.width, img.height, img.format
+            arr = resize_center_crop(img.image, size, p["resize_size"])
+        except MediaError as exc:
+            reasons[i] = exc.reason
+            width[i] = exc.info.get("width", width[i])
+            height[i] = exc.info.get("height", height[i])
+            fmt[i] = exc.info.get("format", fmt[i]) or None
+            log.debug("item %s: %s", item_ids[i], exc)
+            continue
+        pending_idx.append(i)
+        pending_arr.append(arr)
+        if len(pending_idx) >= batch_size:
+            flush()
+    flush()
 
     dim = encoder.dim if encoder is not None else backbone_dim(p["backbone"])
     emb = stack_vectors(n, dim, vectors)

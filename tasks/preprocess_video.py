@@ -33,11 +33,10 @@ from pipelines.features import (
     FeatureCache,
     build_table,
     cell_float,
-    cell_str,
     file_hash,
     l2_normalise,
+    media_cells,
     nullable_ints,
-    progress,
     set_threads,
     stack_vectors,
     summarise,
@@ -122,49 +121,41 @@ def preprocess_video(items: pd.DataFrame, media_root: str | Path, params: dict[s
             if v is not None:
                 metas[c][i] = float(v)
 
-    if col not in items.columns:
-        reasons = [f"no-{col}-column"] * n
-        log.info("items table has no '%s' column: every item is missing", col)
-    else:
-        cells = items[col].tolist()
-        for i in progress(range(n), desc="videos", enabled=bool(p["progress"])):
-            rel = cell_str(cells[i]).strip()
-            if not rel:
-                reasons[i] = f"no-{col}"
+    for i, rel in media_cells(items, col, reasons, desc="videos",
+                              show_progress=bool(p["progress"])):
+        try:
+            path = resolve_media_path(root, rel, max_bytes=max_bytes)
+            hashes[i] = file_hash(path, hparams)
+            rec = cache.get(hashes[i], model_id)
+            if rec is not None:
+                vectors[i] = rec["embedding"]
+                present[i] = True
+                for c in META_COLUMNS:
+                    metas[c][i] = cell_float(rec.get(c))
+                n_reused += 1
                 continue
-            try:
-                path = resolve_media_path(root, rel, max_bytes=max_bytes)
-                hashes[i] = file_hash(path, hparams)
-                rec = cache.get(hashes[i], model_id)
-                if rec is not None:
-                    vectors[i] = rec["embedding"]
-                    present[i] = True
-                    for c in META_COLUMNS:
-                        metas[c][i] = cell_float(rec.get(c))
-                    n_reused += 1
-                    continue
-                sample = sample_video(path, n_frames=int(p["n_frames"]), sampling=p["sampling"],
-                                      image_size=int(p["image_size"]),
-                                      max_duration_s=float(p["max_duration_s"]),
-                                      max_pixels=int(float(p["max_pixels"])))
-            except MediaError as exc:
-                reasons[i] = exc.reason
-                record_info(i, exc.info)
-                log.debug("item %s: %s", item_ids[i], exc)
-                continue
-            except OSError as exc:  # unreadable while hashing
-                reasons[i] = "missing-file"
-                log.debug("item %s: %s", item_ids[i], exc)
-                continue
-            record_info(i, sample.info)
-            metas["n_frames_sampled"][i] = len(sample.frames)
-            if encoder is None:
-                set_threads(p["num_threads"])
-                encoder = load_image_encoder(p["backbone"], device=p["device"],
-                                             precision=p["precision"])
-            vectors[i] = pool_frames(encoder.encode(sample.frames))
-            present[i] = True
-            n_encoded += 1
+            sample = sample_video(path, n_frames=int(p["n_frames"]), sampling=p["sampling"],
+                                  image_size=int(p["image_size"]),
+                                  max_duration_s=float(p["max_duration_s"]),
+                                  max_pixels=int(float(p["max_pixels"])))
+        except MediaError as exc:
+            reasons[i] = exc.reason
+            record_info(i, exc.info)
+            log.debug("item %s: %s", item_ids[i], exc)
+            continue
+        except OSError as exc:  # unreadable while hashing
+            reasons[i] = "missing-file"
+            log.debug("item %s: %s", item_ids[i], exc)
+            continue
+        record_info(i, sample.info)
+        metas["n_frames_sampled"][i] = len(sample.frames)
+        if encoder is None:
+            set_threads(p["num_threads"])
+            encoder = load_image_encoder(p["backbone"], device=p["device"],
+                                         precision=p["precision"])
+        vectors[i] = pool_frames(encoder.encode(sample.frames))
+        present[i] = True
+        n_encoded += 1
 
     dim = 2 * (encoder.dim if encoder is not None else backbone_dim(p["backbone"]))
     emb = stack_vectors(n, dim, vectors)
