@@ -499,19 +499,23 @@ def _attr_codes(col: pd.Series, p: dict) -> tuple[np.ndarray, np.ndarray] | None
     s = col
     if pd.api.types.is_bool_dtype(s):
         s = s.astype("string")
-    if pd.api.types.is_numeric_dtype(s):
-        x = pd.to_numeric(s, errors="coerce")
-        if x.nunique() > int(p["segment_max_levels"]):
-            try:
-                b = pd.qcut(x, int(p["segment_bins"]), duplicates="drop")
-            except ValueError:
-                return None
-            lab = b.astype("string").fillna("NA")
-            lab = lab.map(lambda v: v if v == "NA" else
-                          v.strip("(]").replace(", ", "-").replace(".0", ""))
-            s = pd.Series(lab, index=s.index)
-        else:
-            s = x.astype("string")
+    x = pd.to_numeric(s, errors="coerce")
+    # numbers stored as text (CSV tables are read as text: ML-100K's age) are binned like numbers
+    # when at least 95% of the filled cells parse (the encoder's rule, attribute_spec); with few
+    # levels they stay categories, as written
+    numeric = pd.api.types.is_numeric_dtype(s) or \
+        (bool(s.notna().any()) and x.notna().sum() >= 0.95 * s.notna().sum())
+    if numeric and x.nunique() > int(p["segment_max_levels"]):
+        try:
+            b = pd.qcut(x, int(p["segment_bins"]), duplicates="drop")
+        except ValueError:
+            return None
+        lab = b.astype("string").fillna("NA")
+        lab = lab.map(lambda v: v if v == "NA" else
+                      v.strip("(]").replace(", ", "-").replace(".0", ""))
+        s = pd.Series(lab, index=s.index)
+    elif pd.api.types.is_numeric_dtype(s):
+        s = x.astype("string")
     s = s.astype("string").fillna("NA").str.strip()
     if s.nunique() > int(p["segment_max_levels"]) or s.nunique() < 2:
         return None

@@ -682,6 +682,33 @@ def test_planted_structure_end_to_end(blocks):
     assert out2["summary"]["ranker"] == "sklearn" and len(out2["recommendations"]) == len(recs)
 
 
+def test_user_side_buckets_numbers_stored_as_text(tmp_path):
+    """CSV tables are read as text (ML-100K's age): a column of number strings is bucketed like
+    the numbers themselves, not dropped as a many-level category."""
+    from pipelines.schema import read_table
+
+    ages = [18 + (i * 7) % 50 for i in range(40)]
+    csv = tmp_path / "users.csv"
+    pd.DataFrame({"user_id": [f"u{i}" for i in range(40)], "age": ages,
+                  "gender": list("MF" * 20)}).to_csv(csv, index=False)
+    users = read_table(csv)
+    assert not pd.api.types.is_numeric_dtype(users["age"])
+    p = F.resolve_params({"segment_max_levels": 5, "segment_bins": 2})
+    ids = users["user_id"].to_numpy(object)
+    side = F.build_user_side(users, ids, p)
+    assert set(side.attrs) == {"age", "gender"}
+    as_numbers = F.build_user_side(users.assign(age=ages), ids, p)
+    np.testing.assert_array_equal(side.attrs["age"], as_numbers.attrs["age"])
+    assert list(side.labels) == list(as_numbers.labels)
+    # one unreadable cell in 40 (2.5%) is an "NA" level of its own; the rest still bucketed
+    messy = users.assign(age=users["age"].where(users.index != 3, "unknown"))
+    codes = F.build_user_side(messy, ids, {**p, "segment_max_levels": 5}).attrs["age"]
+    assert len(np.unique(codes)) == 3 and (codes == codes[3]).sum() == 1
+    # text that is mostly not numbers stays a category (here: too many levels, so skipped)
+    words = users.assign(age=[f"{a} years" if i % 2 else str(a) for i, a in enumerate(ages)])
+    assert set(F.build_user_side(words, ids, p).attrs) == {"gender"}
+
+
 def test_fuse_without_content_or_user_attributes(blocks):
     bare = Split(blocks.train, blocks.test, blocks.users[["user_id"]], blocks.items[["item_id"]],
                  blocks.slices)
