@@ -86,7 +86,7 @@ import scipy.sparse as sp
 
 from .data import Interactions, Split
 from .recommenders.base import Recommender, topk
-from .schema import ITEM, RATING, RECOMMENDATION_COLUMNS, TS, USER
+from .schema import ITEM, RATING, RECOMMENDATION_COLUMNS, TS, USER, mostly_numeric
 
 log = logging.getLogger("mmrec.fusion")
 
@@ -499,12 +499,9 @@ def _attr_codes(col: pd.Series, p: dict) -> tuple[np.ndarray, np.ndarray] | None
     s = col
     if pd.api.types.is_bool_dtype(s):
         s = s.astype("string")
-    x = pd.to_numeric(s, errors="coerce")
     # numbers stored as text (CSV tables are read as text: ML-100K's age) are binned like numbers
-    # when at least 95% of the filled cells parse (the encoder's rule, attribute_spec); with few
-    # levels they stay categories, as written
-    numeric = pd.api.types.is_numeric_dtype(s) or \
-        (bool(s.notna().any()) and x.notna().sum() >= 0.95 * s.notna().sum())
+    # (the encoder's rule, attribute_spec); with few levels they stay categories, as written
+    numeric, x = mostly_numeric(s)
     if numeric and x.nunique() > int(p["segment_max_levels"]):
         try:
             b = pd.qcut(x, int(p["segment_bins"]), duplicates="drop")

@@ -221,3 +221,15 @@ def split_list(value) -> list[str]:
     if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
         return []
     return [t.strip() for t in str(value).split(LIST_SEP) if t.strip()]
+
+
+def mostly_numeric(values: pd.Series, share: float = 0.95) -> tuple[bool, pd.Series]:
+    """Whether a column holds numbers (also numbers stored as text, as CSV tables are read):
+    a numeric dtype, or at least ``share`` of the filled cells parse.  Returns the verdict and
+    the parsed values (NaN where a cell does not parse)."""
+    num = pd.to_numeric(values, errors="coerce")
+    if pd.api.types.is_numeric_dtype(values):
+        return True, num
+    filled = int(values.notna().sum())
+    return bool(filled) and int(num.notna().sum()) >= share * filled, num
+

@@ -107,7 +107,7 @@ import pandas as pd
 
 from ..data import Interactions
 from ..io import atomic_path
-from ..schema import RATING, TS, USER
+from ..schema import RATING, TS, USER, mostly_numeric
 from .base import Recommender, topk
 
 log = logging.getLogger("mmrec.encoder")
@@ -231,8 +231,7 @@ def attribute_spec(users: pd.DataFrame | None, params: dict) -> list[dict]:
         n_unique = vals.nunique()
         if n_unique <= 1:
             continue
-        num = pd.to_numeric(s, errors="coerce")
-        numeric = num.notna().sum() >= 0.95 * s.notna().sum() and s.notna().any()
+        numeric, num = mostly_numeric(s)
         if n_unique <= int(params["attr_max_categories"]):
             spec.append({"name": str(col), "kind": "cat", "vocab": sorted(vals.unique().tolist())})
         elif numeric:
